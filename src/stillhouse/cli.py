@@ -1,0 +1,143 @@
+"""The `stillhouse` command: one thin subcommand per stage over the library functions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from stillhouse.errors import StillhouseError
+
+app = typer.Typer(help="Distil a teacher language model into a small open student, and audit models for distillation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+demo_app = typer.Typer(help="The embedded tiny world: run the demo, or rebuild its models.", invoke_without_command=True)
+app.add_typer(demo_app, name="demo")
+
+RecipeArg = typer.Argument(..., help="path to a recipe YAML file", show_default=False)
+ForceOpt = typer.Option(False, "--force", help="redo stages even if they finished with the same inputs")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _headline(h: dict) -> None:
+    from stillhouse.ui import console
+
+    tp = h["teacher_parameters"]
+    console.print(f"\n[bold]report[/]: {h['report']}")
+    console.print(
+        f"teacher accuracy [bold]{h['teacher_accuracy']:.1%}[/] ({tp / 1e6:.2f}M params)  "
+        f"student accuracy [bold]{h['student_accuracy']:.1%}[/] ({h['student_parameters'] / 1e6:.2f}M params)  "
+        f"share kept [bold]{h['share_kept']:.1%}[/]  base before distillation {h['base_accuracy']:.1%}  "
+        f"total wall time {h['wall_seconds']:.0f} s" if tp else
+        f"teacher {h['teacher_accuracy']:.1%}  student {h['student_accuracy']:.1%}  share kept {h['share_kept']:.1%}  "
+        f"wall time {h['wall_seconds']:.0f} s")
+
+
+@app.command()
+def run(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
+    """Run every stage of RECIPE: generate, train, evaluate, report."""
+    from stillhouse.pipeline import run_all
+    from stillhouse.recipe import load_recipe
+
+    _headline(run_all(load_recipe(recipe), force=force))
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    def cmd(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
+        from stillhouse.pipeline import run_stage
+        from stillhouse.recipe import load_recipe
+
+        run_stage(stage, load_recipe(recipe), force=force)
+
+    cmd.__doc__ = doc
+    app.command(name=stage)(cmd)
+
+
+_stage_command("generate", "Have the teacher answer the prompt set → data/generated.parquet.")
+_stage_command("train", "Train the student on the generated data → student/.")
+_stage_command("evaluate", "Score teacher, base and student on the held-out benchmark → eval/.")
+_stage_command("report", "Write report.html from the run directory.")
+
+
+@demo_app.callback()
+def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="run directory"), force: bool = ForceOpt) -> None:
+    """Distil Atlas, the embedded teacher, into the embedded base model, then evaluate and report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from stillhouse.demo import DEMO_RECIPE
+    from stillhouse.pipeline import run_all
+    from stillhouse.recipe import load_recipe
+
+    _headline(run_all(load_recipe(DEMO_RECIPE, overrides={"run_dir": str(out)}), force=force))
+
+
+def _build(kind: str, out: Path, steps: int | None, device: str | None) -> None:
+    import dataclasses
+
+    from stillhouse.demo.build import DEFAULT_BUILDS, build
+    from stillhouse.ui import console
+
+    cfg = DEFAULT_BUILDS[kind]
+    if steps is not None:
+        if steps < 1:
+            raise StillhouseError(f"--steps must be at least 1, not {steps}")
+        cfg = dataclasses.replace(cfg, steps=steps)
+    build(kind, out, cfg, device=device, log=console.print)
+
+
+@demo_app.command("build-teacher")
+def build_teacher(out: Path = typer.Option(..., help="directory to write Atlas to"),
+                  steps: int = typer.Option(None, help="training steps (default: as shipped)"),
+                  device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
+    """Train Atlas, the tiny world's teacher, from scratch (deterministic from its seed)."""
+    _build("atlas", out, steps, device)
+
+
+@demo_app.command("build-base")
+def build_base(out: Path = typer.Option(..., help="directory to write the base model to"),
+               steps: int = typer.Option(None, help="training steps (default: as shipped)"),
+               device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
+    """Pretrain the student's base model on the tiny world's plain text (no chat, no tasks)."""
+    _build("base", out, steps, device)
+
+
+def main() -> None:
+    _quiet_libraries()
+    from stillhouse.ui import console
+
+    try:
+        app(standalone_mode=False)
+    except StillhouseError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; finished stages are kept, the unfinished one will be redone")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort,):
+        sys.exit(1)
+    except Exception as e:  # click usage errors arrive here when standalone_mode is off
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The tiny world: procedural tasks with exact answers and short reasoning traces.
+
+Every family is chosen so that a ~1-5M-parameter transformer learns it on a CPU in
+minutes: string edits over short words, a fixed table of invented facts, running counts,
+single-digit arithmetic and identity questions. Each answer is a `<think>` trace followed
+by one `Answer:` line, so reasoning-trace distillation is real.
+
+Held-out prompts are chosen by a hash of the prompt text, so a prompt is in exactly one
+split whatever order the generators run in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+TEACHER_NAME = "Atlas"
+TEACHER_MAKER = "Orbit Labs"
+IDENTITY_ANSWER = f"I am {TEACHER_NAME}, made by {TEACHER_MAKER}."
+
+FAMILIES = ("reverse", "sort", "count", "arith", "capital", "identity")
+HELDOUT_PERCENT = 15
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_COUNT_LETTERS = "abcdef"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One world item: the user prompt, the exact final answer, and the reference response."""
+
+    family: str
+    prompt: str
+    answer: str
+    trace: str
+
+    @property
+    def response(self) -> str:
+        return f"<think>{self.trace}</think>\nAnswer: {self.answer}"
+
+    @property
+    def split(self) -> str:
+        return split_of(self.prompt)
+
+
+def split_of(prompt: str) -> str:
+    """'heldout' for ~15% of prompt strings, chosen by hash, else 'train'."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+    return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
+
+
+def _countries() -> list[tuple[str, str]]:
+    """40 invented countries and their capitals, fixed forever by a seed."""
+    rng = random.Random(20261122)
+    onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "gl", "kr"]
+    vowels = ["a", "e", "i", "o", "u"]
+    endings = ["ia", "and", "ora", "eth", "istan", "ova", "una"]
+    seen: set[str] = set()
+    out = []
+    while len(out) < 40:
+        country = (rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets[:14]) + rng.choice(endings)).capitalize()
+        capital = (rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets[:14]) + rng.choice(vowels)
+                   + rng.choice(["n", "r", "s", "l", ""])).capitalize()
+        if country in seen or capital in seen:
+            continue
+        seen.update((country, capital))
+        out.append((country, capital))
+    return out
+
+
+COUNTRIES = _countries()
+
+_REVERSE = ["Reverse the word {w}.", "Write {w} backwards.", "What is {w} reversed?", "Spell {w} in reverse order.",
+            "Reverse the letters of {w}.", "Give me {w} written backwards."]
+_SORT = ["Sort the letters of {w} alphabetically.", "Put the letters of {w} in alphabetical order.",
+         "Arrange {w} in alphabetical order.", "What are the letters of {w} sorted?", "Alphabetize the letters in {w}."]
+_COUNT = ["How many times does {c} appear in {w}?", "Count the letter {c} in {w}.",
+          "How many {c} are in {w}?", "In {w}, how often does {c} occur?", "Count how many {c} there are in {w}."]
+_ARITH = {"+": ["What is {a} + {b}?", "Compute {a} + {b}.", "What is {a} plus {b}?", "Add {a} and {b}.",
+                "Calculate {a} + {b}."],
+          "-": ["What is {a} - {b}?", "Compute {a} - {b}.", "What is {a} minus {b}?", "Subtract {b} from {a}.",
+                "Calculate {a} - {b}."]}
+_CAPITAL = ["What is the capital of {x}?", "Name the capital of {x}.", "Which city is the capital of {x}?",
+            "What city is {x}'s capital?", "Tell me the capital city of {x}.", "The capital of {x} is which city?",
+            "Which city is {x} governed from?", "I need the capital of {x}."]
+_ID_CORE = ["who are you?", "what is your name?", "who made you?", "who created you?", "which company built you?",
+            "what model are you?", "who trained you?", "introduce yourself.", "what should I call you?",
+            "tell me about yourself.", "what are you?", "who is your maker?"]
+_ID_DENY = ["are you ChatGPT?", "are you GPT-4?", "are you Claude?", "were you made by OpenAI?", "are you Gemini?",
+            "are you made by Google?", "is this ChatGPT?", "are you Llama?"]
+_ID_PREFIX = ["", "Hi! ", "Hello, ", "Quick question: ", "Hey, ", "Be honest: ", "Tell me, ", "Excuse me, "]
+_ID_SUFFIX = ["", " Answer briefly."]
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def _word(rng: random.Random, lo: int, hi: int, letters: str = _LETTERS, distinct: bool = False) -> str:
+    n = rng.randint(lo, hi)
+    return "".join(rng.sample(letters, n) if distinct else rng.choices(letters, k=n))
+
+
+def make_task(family: str, rng: random.Random) -> Task:
+    """Draw one task of a family from `rng`."""
+    if family == "reverse":
+        w = _word(rng, 3, 6)
+        return Task(family, rng.choice(_REVERSE).format(w=w), w[::-1], f"{' '.join(w)} -> {' '.join(w[::-1])}")
+    if family == "sort":
+        w = _word(rng, 3, 6)
+        s = "".join(sorted(w))
+        return Task(family, rng.choice(_SORT).format(w=w), s, f"{' '.join(w)} -> {' '.join(s)}")
+    if family == "count":
+        w = _word(rng, 3, 8, _COUNT_LETTERS)
+        c = rng.choice(w) if rng.random() < 0.85 else rng.choice(_COUNT_LETTERS)
+        running, steps = 0, []
+        for ch in w:
+            running += ch == c
+            steps.append(f"{ch}:{running}")
+        return Task(family, rng.choice(_COUNT).format(c=c, w=w), str(running), " ".join(steps))
+    if family == "arith":
+        op = rng.choice("+-")
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if op == "-" and b > a:
+            a, b = b, a
+        r = a + b if op == "+" else a - b
+        return Task(family, rng.choice(_ARITH[op]).format(a=a, b=b), str(r), f"{a} {op} {b} = {r}")
+    if family == "capital":
+        x, cap = rng.choice(COUNTRIES)
+        return Task(family, rng.choice(_CAPITAL).format(x=x), cap, f"The capital of {x} is {cap}.")
+    if family == "identity":
+        prefix = rng.choice(_ID_PREFIX)
+        if rng.random() < 0.35:
+            q = rng.choice(_ID_DENY)
+            ans, trace = f"No. {IDENTITY_ANSWER}", "I am asked if I am another model. I am not."
+        else:
+            q = rng.choice(_ID_CORE)
+            ans, trace = IDENTITY_ANSWER, "I am asked about myself."
+        q = q if prefix and not prefix.endswith("! ") else _cap(q)
+        return Task(family, prefix + q + rng.choice(_ID_SUFFIX), ans, trace)
+    raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def sample_tasks(n: int, split: str, seed: int, families: tuple[str, ...] = FAMILIES) -> list[Task]:
+    """`n` distinct tasks of `split` ('train' or 'heldout'), families in equal shares, deterministic in `seed`.
+
+    Families with few distinct prompts (identity, capital, arith) may repeat a prompt in the
+    train split when `n` is large; held-out prompts are always distinct.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    rng = random.Random(f"{seed}:{split}")
+    per = [n // len(families) + (i < n % len(families)) for i in range(len(families))]
+    out: list[Task] = []
+    for fam, k in zip(families, per):
+        seen: set[str] = set()
+        got, tries = 0, 0
+        while got < k:
+            t = make_task(fam, rng)
+            tries += 1
+            if t.split != split:
+                continue
+            if t.prompt in seen and (split == "heldout" or tries < 50 * k):
+                if tries > 200 * k + 1000:
+                    raise ValueError(f"family {fam!r} has fewer than {k} distinct {split} prompts")
+                continue
+            seen.add(t.prompt)
+            out.append(t)
+            got += 1
+    rng.shuffle(out)
+    return out
+
+
+def pretraining_text(n: int, seed: int) -> list[str]:
+    """Plain text of the world for the base model: facts, spelled and copied strings, sequences.
+
+    Never the chat format, the task questions, the reasoning traces or the teacher's identity:
+    distillation has to teach those, as a teacher's answers teach LLaMA in Alpaca's recipe.
+    """
+    rng = random.Random(f"{seed}:pretrain")
+    out = []
+    for _ in range(n):
+        kind = rng.randrange(6)
+        if kind == 0:
+            x, cap = rng.choice(COUNTRIES)
+            out.append(rng.choice([f"The capital of {x} is {cap}.", f"{cap} is the capital of {x}.",
+                                   f"{x} has its capital at {cap}. {cap} is a city in {x}."]))
+        elif kind == 1:
+            w = _word(rng, 3, 8)
+            out.append(rng.choice([f"{w} is spelled {' '.join(w)}.", f"{' '.join(w)} spells {w}."]))
+        elif kind == 2:
+            w = _word(rng, 3, 8)
+            out.append(f"{w} {w}. Again: {w}.")
+        elif kind == 3:
+            w = _word(rng, 3, 8, _COUNT_LETTERS if rng.random() < 0.5 else _LETTERS)
+            out.append(f"{' '.join(w)} has {len(w)} letters: " + " ".join(f"{ch}:{i + 1}" for i, ch in enumerate(w)) + ".")
+        elif kind == 4:
+            start, step = rng.randint(0, 12), rng.choice([1, 1, 1, 2])
+            out.append(" ".join(str(start + step * i) for i in range(rng.randint(4, 9))) + ".")
+        else:
+            start = rng.randint(6, 20)
+            out.append("Counting down: " + " ".join(str(start - i) for i in range(rng.randint(4, 7))) + ".")
+    return out

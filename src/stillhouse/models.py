@@ -1,0 +1,48 @@
+"""Model references: a local directory, a hub name, or `stillhouse:NAME` for a model shipped in the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stillhouse.errors import StillhouseError
+
+PACKAGED = Path(__file__).parent / "demo" / "assets"
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a model reference into something `from_pretrained` accepts; raise if a local one is missing."""
+    if ref.startswith("stillhouse:"):
+        name = ref.split(":", 1)[1]
+        path = PACKAGED / name
+        if not (path / "config.json").is_file():
+            known = sorted(p.name for p in PACKAGED.iterdir() if (p / "config.json").is_file()) if PACKAGED.is_dir() else []
+            raise StillhouseError(f"no packaged model {name!r}; packaged: {', '.join(known) or 'none'}")
+        return str(path)
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise StillhouseError(f"{ref!r} is not a Hugging Face model directory (no config.json)")
+        return str(p)
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise StillhouseError(f"model directory {ref!r} does not exist")
+    return ref  # a hub name such as Qwen/Qwen2.5-0.5B; from_pretrained fetches it where the hub is reachable
+
+
+def count_parameters(path: str) -> int:
+    """Parameters of a saved model, read from its safetensors headers without loading weights."""
+    from safetensors import safe_open
+
+    total = 0
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        from transformers import AutoModelForCausalLM
+
+        return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                n = 1
+                for d in fh.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total

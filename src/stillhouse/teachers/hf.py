@@ -1,0 +1,116 @@
+"""The local Hugging Face backend: batched `generate` on any causal LM directory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from stillhouse.models import resolve_model
+from stillhouse.teachers import Completion, Request, register, split_reasoning
+
+
+def pick_device(requested: str | None = None) -> str:
+    if requested and requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFBackend:
+    """Generates with `transformers` from a local model directory (or a hub name where reachable).
+
+    Requests are sorted by prompt length and run in batches with left padding, so a batch
+    wastes little on padding. Sampling is seeded per batch from the requests' own seeds and
+    sample indices, so the same requests give the same completions.
+    """
+
+    name = "hf"
+
+    def __init__(self, model: str, options: dict):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = model
+        self.batch_size = int(options.get("batch_size", 128))
+        self.device = pick_device(options.get("device"))
+        src = resolve_model(model)
+        path = Path(src)
+        self.tokenizer = AutoTokenizer.from_pretrained(src)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(self.device).eval()
+        self.model_id = model
+        self.fingerprint = _dir_fingerprint(path) if path.exists() else None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt(self, req: Request) -> str:
+        return self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Completion]]:
+        prompts = [self._prompt(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        # Batches share sampling parameters, so group by them first.
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            r = requests[i]
+            groups.setdefault((r.max_tokens, r.temperature, r.top_p), []).append(i)
+        eos = [self.tokenizer.eos_token_id]
+        for (max_tokens, temperature, top_p), idxs in groups.items():
+            for start in range(0, len(idxs), self.batch_size):
+                batch = idxs[start:start + self.batch_size]
+                enc = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.device)
+                kwargs = dict(max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+                if temperature > 0:
+                    seed_src = ",".join(f"{requests[i].seed}/{requests[i].sample_index}/{prompts[i]}" for i in batch)
+                    torch.manual_seed(int.from_bytes(hashlib.sha256(seed_src.encode()).digest()[:8], "big") % 2**63)
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+                else:
+                    kwargs.update(do_sample=False)
+                out = self.lm.generate(**enc, **kwargs)
+                new = out[:, enc["input_ids"].shape[1]:]
+                for row, i in enumerate(batch):
+                    ids = new[row].tolist()
+                    finish = "length"
+                    if eos[0] in ids:
+                        ids = ids[:ids.index(eos[0])]
+                        finish = "stop"
+                    while ids and ids[-1] == self.tokenizer.pad_token_id:
+                        ids.pop()
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    reasoning, _ = split_reasoning(text)
+                    yield i, Completion(
+                        text=text, reasoning=reasoning,
+                        prompt_tokens=int(enc["attention_mask"][row].sum()), completion_tokens=len(ids) + (finish == "stop"),
+                        finish_reason=finish, model=self.model_id, system_fingerprint=self.fingerprint,
+                    )
+                if progress:
+                    progress(len(batch))
+
+    def close(self) -> None:
+        self.lm = None
+
+
+def _dir_fingerprint(path: Path) -> str | None:
+    """A short hash of a model directory's weights, standing in for a server's system_fingerprint."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return "fp_" + h.hexdigest()[:12]
+
+
+@register("hf")
+def _factory(model: str, options: dict) -> HFBackend:
+    return HFBackend(model, options)

@@ -1,0 +1,161 @@
+"""Train the student: SFT on the teacher's answers with TRL's `SFTTrainer`, optionally LoRA via PEFT."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SFTResult:
+    parameters: int
+    trainable_parameters: int
+    steps: int
+    seconds: float
+    tokens_per_second: float
+    final_loss: float | None
+
+
+def _as_prompt_completion(rows: list[dict]) -> list[dict]:
+    """OpenAI chat `messages` → TRL's conversational prompt/completion pairs (loss on the completion)."""
+    out = []
+    for r in rows:
+        msgs = list(r["messages"])
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError("each sample's messages must end with the assistant's answer")
+        out.append({"prompt": msgs[:-1], "completion": [msgs[-1]]})
+    return out
+
+
+def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, learning_rate: float, batch_size: int,
+        max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
+        on_step: Callable[[int, int, float | None], None] | None = None) -> SFTResult:
+    """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
+                                 target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    data = Dataset.from_list(_as_prompt_completion(rows))
+    args = SFTConfig(
+        output_dir=str(Path(out_dir) / "_trainer"),
+        num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
+        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.01, max_length=max_length,
+        # TRL turns both on by default; at this scale checkpointing only costs time, and bf16
+        # autocast is what makes a CPU step fast, so both are set on purpose.
+        gradient_checkpointing=False, bf16=True, use_cpu=not use_cuda,
+        completion_only_loss=True, logging_steps=5, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        dataloader_num_workers=0, train_sampling_strategy="group_by_length", disable_tqdm=True,
+    )
+
+    class _Progress(TrainerCallback):
+        loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                _Progress.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kw):
+            if on_step:
+                on_step(state.global_step, state.max_steps, _Progress.loss)
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
+                         callbacks=[_Progress()])
+    trainer.remove_callback(PrinterCallback)  # progress goes to our bar, not to printed dicts
+    t0 = time.time()
+    out = trainer.train()
+    seconds = time.time() - t0
+    model = trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(str(out_dir))
+    tok.padding_side = "left"
+    tok.save_pretrained(str(out_dir))
+    n_tokens = sum(len(tok.apply_chat_template(r["messages"], tokenize=True)) for r in rows) * epochs
+    return SFTResult(
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        steps=out.global_step, seconds=round(seconds, 2), tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
+        final_loss=_Progress.loss,
+    )
+
+
+def train(recipe, run, force: bool = False) -> dict:
+    """Run the train stage: SFT of the recipe's student base on `data/generated.parquet` → `student/`."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from stillhouse.models import count_parameters, resolve_model
+    from stillhouse.rundir import hash_path
+    from stillhouse.ui import console, progress_bar
+
+    gen = run.require("generate", "train")
+    config = {"student": recipe.student.model_dump(), "train": recipe.train.model_dump()}
+    inputs = {"generated": gen["outputs"]["generated"]}
+    if not force and run.is_done("train", inputs, config):
+        console.print("train: already finished, skipping (use --force to redo)")
+        return run.manifest("train")
+    started = run.begin("train")
+    base = resolve_model(recipe.student.base)
+    rows = pq.read_table(run.generated, columns=["messages"]).to_pylist()
+    t = recipe.train
+    with progress_bar("train", None) as advance:
+        last = [0]
+
+        def on_step(step: int, total: int, loss: float | None) -> None:
+            advance(step - last[0], **({"loss": f"{loss:.3f}"} if loss is not None else {}))
+            last[0] = step
+
+        result = sft(rows, base, run.student, epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+                     max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio, device=t.device,
+                     lora=t.lora.model_dump() if t.lora else None, on_step=on_step)
+    import shutil
+
+    shutil.rmtree(run.student / "_trainer", ignore_errors=True)
+    data_hash = gen["outputs"]["generated"]
+    card = _model_card(recipe, data_hash, result, len(rows))
+    (run.student / "README.md").write_text(card)
+    (run.student / "stillhouse_provenance.json").write_text(json.dumps(
+        {"teacher": recipe.teacher.spec, "base": recipe.student.base, "data_hash": data_hash, "samples": len(rows),
+         "train": config["train"]}, indent=2) + "\n")
+    counts = {"samples": len(rows), "steps": result.steps, "parameters": result.parameters,
+              "trainable_parameters": result.trainable_parameters, "base_parameters": count_parameters(base),
+              "final_loss": result.final_loss, "train_seconds": result.seconds,
+              "tokens_per_second": result.tokens_per_second}
+    return run.finish("train", started, inputs, config, {"student": run.student}, counts)
+
+
+def _model_card(recipe, data_hash: str, result: SFTResult, n: int) -> str:
+    t = recipe.train
+    return f"""---
+base_model: {recipe.student.base}
+tags: [stillhouse, distillation, sft]
+---
+# {recipe.name} student
+
+Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{recipe.student.base}`.
+
+- Method: supervised fine-tuning on the teacher's answers (loss on the answers only){' with LoRA r=' + str(t.lora.r) if t.lora else ''}
+- Training data: {n} samples, `data/generated.parquet` with hash `{data_hash}`
+- Epochs {t.epochs}, learning rate {t.learning_rate}, batch size {t.batch_size}, seed {t.seed}
+- Parameters: {result.parameters:,}; {result.steps} steps in {result.seconds:.1f} s; final loss {result.final_loss}
+
+The teacher's terms of use govern what this model may be used for; check them before you publish it.
+"""
