@@ -35,15 +35,18 @@ def _quiet_libraries() -> None:
 def _headline(h: dict) -> None:
     from stillhouse.ui import console
 
-    tp = h["teacher_parameters"]
+    def pct(x):
+        return "n/a" if x is None else f"{x:.1%}"
+
+    def params(n):
+        return "" if n is None else f" ({n / 1e6:.2f}M params)"
+
     console.print(f"\n[bold]report[/]: {h['report']}")
     console.print(
-        f"teacher accuracy [bold]{h['teacher_accuracy']:.1%}[/] ({tp / 1e6:.2f}M params)  "
-        f"student accuracy [bold]{h['student_accuracy']:.1%}[/] ({h['student_parameters'] / 1e6:.2f}M params)  "
-        f"share kept [bold]{h['share_kept']:.1%}[/]  base before distillation {h['base_accuracy']:.1%}  "
-        f"total wall time {h['wall_seconds']:.0f} s" if tp else
-        f"teacher {h['teacher_accuracy']:.1%}  student {h['student_accuracy']:.1%}  share kept {h['share_kept']:.1%}  "
-        f"wall time {h['wall_seconds']:.0f} s")
+        f"teacher accuracy [bold]{pct(h['teacher_accuracy'])}[/]{params(h['teacher_parameters'])}  "
+        f"student accuracy [bold]{pct(h['student_accuracy'])}[/]{params(h['student_parameters'])}  "
+        f"share kept [bold]{pct(h['share_kept'])}[/]  base before distillation {pct(h['base_accuracy'])}  "
+        f"total wall time {h['wall_seconds']:.0f} s")
 
 
 @app.command()

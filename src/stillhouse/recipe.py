@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stillhouse.errors import StillhouseError
 
@@ -32,10 +32,18 @@ class TeacherSpec(_Strict):
         return v
 
 
+def _existing_file(v: str) -> str:
+    if v != "world" and not Path(v).is_file():
+        raise ValueError(f"file {v!r} does not exist")
+    return v
+
+
 class PromptsSpec(_Strict):
     source: str = Field("world", description="'world' (the built-in task world's train split) or a .jsonl/.parquet path")
     n: int | None = Field(2000, ge=1, description="how many prompts to use (all of a file when null)")
     seed: int = 0
+
+    _check_source = field_validator("source")(classmethod(lambda cls, v: _existing_file(v)))
 
 
 class GenerationSpec(_Strict):
@@ -75,6 +83,8 @@ class EvaluateSpec(_Strict):
     max_tokens: int = Field(128, ge=1)
     seed: int = 0
 
+    _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _existing_file(v)))
+
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the run directory runs/<name>")
@@ -85,13 +95,6 @@ class Recipe(_Strict):
     student: StudentSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
-
-    @model_validator(mode="after")
-    def _paths_exist(self) -> "Recipe":
-        for where, value in (("prompts.source", self.prompts.source), ("evaluate.benchmark", self.evaluate.benchmark)):
-            if value != "world" and not Path(value).exists():
-                raise ValueError(f"{where}: file {value!r} does not exist")
-        return self
 
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
@@ -162,7 +165,8 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = N
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:
-            msg = f"{msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err["input"], dict) else msg
+            got = err.get("input")
+            msg = f"{msg} (got {got!r})" if "input" in err and not isinstance(got, dict) and repr(got) not in msg else msg
         raise StillhouseError(f"{where}: {field}: {msg}") from None
 
 

@@ -85,7 +85,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or not name or not model:
         raise ValueError(f"teacher spec {spec!r} must look like BACKEND:MODEL, e.g. hf:/path/to/model or openai:gpt-4o-mini")
     if name not in known_backends():
-        close = difflib.get_close_matches(name, known_backends(), n=1)
+        close = difflib.get_close_matches(name, known_backends(), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known_backends())}"
         raise ValueError(f"unknown teacher backend {name!r} in {spec!r}{hint}")
     return name, model
@@ -116,4 +116,8 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-from stillhouse.teachers import hf as _hf  # noqa: E402,F401  (registers the built-in backend)
+@register("hf")
+def _hf(model: str, options: dict) -> Backend:
+    from stillhouse.teachers.hf import HFBackend  # imported on use: torch is slow to import
+
+    return HFBackend(model, options)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from stillhouse.models import resolve_model
-from stillhouse.teachers import Completion, Request, register, split_reasoning
+from stillhouse.teachers import Completion, Request, split_reasoning
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -109,8 +109,3 @@ def _dir_fingerprint(path: Path) -> str | None:
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
     return "fp_" + h.hexdigest()[:12]
-
-
-@register("hf")
-def _factory(model: str, options: dict) -> HFBackend:
-    return HFBackend(model, options)

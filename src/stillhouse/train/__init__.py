@@ -81,6 +81,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     out = trainer.train()
     seconds = time.time() - t0
     model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if peft_config is not None:
         model = model.merge_and_unload()
     model.config.use_cache = True
@@ -90,7 +91,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     n_tokens = sum(len(tok.apply_chat_template(r["messages"], tokenize=True)) for r in rows) * epochs
     return SFTResult(
         parameters=sum(p.numel() for p in model.parameters()),
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        trainable_parameters=trainable,
         steps=out.global_step, seconds=round(seconds, 2), tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         final_loss=_Progress.loss,
     )

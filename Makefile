@@ -1,0 +1,31 @@
+# `make demo` and `make test` set everything up on a fresh machine, and are quick once set up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build by default, installed before anything that depends on torch so pip pulls no CUDA wheels.
+# On a GPU machine: make TORCH_SPEC="torch" demo
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.stillhouse-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test browser clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+# Debian's chromium, for the test that opens report.html in a headless browser.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null)
+
+demo: $(STAMP)
+	$(VENV)/bin/stillhouse demo
+
+test: $(STAMP) browser
+	STILLHOUSE_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
+
+clean:
+	rm -rf runs .pytest_cache

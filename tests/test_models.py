@@ -1,0 +1,37 @@
+"""The shipped Atlas and base, and the code paths that rebuild them."""
+
+import json
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stillhouse.demo.build import BuildConfig, build, heldout_accuracy
+from stillhouse.models import PACKAGED, count_parameters
+
+
+def test_shipped_models_sizes_and_manifests():
+    atlas, base = PACKAGED / "atlas", PACKAGED / "base"
+    na, nb = count_parameters(str(atlas)), count_parameters(str(base))
+    assert nb <= na / 4
+    assert (atlas / "model.safetensors").stat().st_size <= 20 * 2**20
+    m = json.loads((atlas / "stillhouse_build.json").read_text())
+    assert m["parameters"] == na and min(m["heldout_accuracy"].values()) >= 0.9
+    mb = json.loads((base / "stillhouse_build.json").read_text())
+    assert max(mb["heldout_accuracy"].values()) <= 0.05  # the base does not know the tasks
+    tok = AutoTokenizer.from_pretrained(atlas)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_shipped_atlas_is_good_on_heldout():
+    acc = heldout_accuracy(PACKAGED / "atlas", per_family=4, seed=123)
+    assert min(acc.values()) >= 0.75 and sum(acc.values()) / len(acc) >= 0.9, acc
+
+
+def test_build_teacher_and_base_code_paths_at_toy_scale(tmp_path):
+    for kind in ("atlas", "base"):
+        cfg = BuildConfig(shape="tiny", steps=4, batch_size=8, lr=3e-3, seed=1)
+        logs = []
+        m = build(kind, tmp_path / kind, cfg, device="cpu", eval_per_family=1, log=logs.append)
+        assert m["train"]["tokens"] > 0 and set(m["heldout_accuracy"]) == {"reverse", "sort", "count", "arith", "capital", "identity"}
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / kind)
+        assert model.config.hidden_size == 32
+        assert (tmp_path / kind / "stillhouse_build.json").is_file() and any("step 4/4" in x for x in logs)
