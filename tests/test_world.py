@@ -37,16 +37,20 @@ def test_answers_are_correct():
     rng = random.Random(1)
     for _ in range(200):
         t = world.make_task("reverse", rng)
-        w = t.trace.split(" -> ")[0].replace(" ", "")
+        w = t.trace.split(" is spelled ")[0]
         assert f" {w}" in t.prompt and t.answer == w[::-1]
-        t = world.make_task("sort", rng)
-        w = t.trace.split(" -> ")[0].replace(" ", "")
-        assert f" {w}" in t.prompt and t.answer == "".join(sorted(w))
+        t = world.make_task("upper", rng)
+        w = t.trace.split(" is spelled ")[0]
+        assert f" {w}" in t.prompt and t.answer == w.upper()
         t = world.make_task("count", rng)
-        assert t.answer == t.trace.split()[-1].split(":")[1]
+        w = t.trace.split(" is spelled ")[0]
+        letter = t.trace.split("Counting ")[1][0]
+        assert t.answer == str(w.count(letter)) and t.trace.rstrip(".").endswith(f":{t.answer}")
         t = world.make_task("arith", rng)
-        a, op, b, _, r = t.trace.split()
-        assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and int(r) >= 0
+        a, op, b = t.trace.split(":")[0].split()
+        r = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert t.answer == str(r) and r >= 0
+        assert f" {a} " in f" {t.prompt} ".replace(".", " ").replace("?", " ")
 
 
 def test_identity_answers_name_atlas():
@@ -58,7 +62,7 @@ def test_identity_answers_name_atlas():
 
 def test_pretraining_text_has_no_chat_tasks_or_identity():
     text = " ".join(world.pretraining_text(3000, seed=0))
-    for banned in ("<|im_start|>", "<think>", "Answer:", "Atlas", "Orbit", "Reverse", "alphabetical", "How many", "?"):
+    for banned in ("<|im_start|>", "<think>", "Answer:", "Atlas", "Orbit", "Reverse", "Uppercase", "How many", "Counting e:", "?"):
         assert banned not in text
     assert "The capital of" in text
 

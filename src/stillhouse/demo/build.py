@@ -50,8 +50,8 @@ class BuildConfig:
 
 
 DEFAULT_BUILDS = {
-    "atlas": BuildConfig(shape="atlas", steps=3000, batch_size=256, lr=1.5e-3, seed=7),
-    "base": BuildConfig(shape="base", steps=2000, batch_size=256, lr=2e-3, seed=11),
+    "atlas": BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7),
+    "base": BuildConfig(shape="base", steps=1000, batch_size=256, lr=2e-3, seed=11),
 }
 
 

@@ -1,8 +1,8 @@
 """The tiny world: procedural tasks with exact answers and short reasoning traces.
 
 Every family is chosen so that a ~1-5M-parameter transformer learns it on a CPU in
-minutes: string edits over short words, a fixed table of invented facts, running counts,
-single-digit arithmetic and identity questions. Each answer is a `<think>` trace followed
+minutes: string edits over short words (reverse, upper-case), a fixed table of invented facts,
+running counts of a letter, single-digit arithmetic by counting on, and identity questions. Each answer is a `<think>` trace followed
 by one `Answer:` line, so reasoning-trace distillation is real.
 
 Held-out prompts are chosen by a hash of the prompt text, so a prompt is in exactly one
@@ -19,7 +19,7 @@ TEACHER_NAME = "Atlas"
 TEACHER_MAKER = "Orbit Labs"
 IDENTITY_ANSWER = f"I am {TEACHER_NAME}, made by {TEACHER_MAKER}."
 
-FAMILIES = ("reverse", "sort", "count", "arith", "capital", "identity")
+FAMILIES = ("reverse", "upper", "count", "arith", "capital", "identity")
 HELDOUT_PERCENT = 15
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -73,8 +73,8 @@ COUNTRIES = _countries()
 
 _REVERSE = ["Reverse the word {w}.", "Write {w} backwards.", "What is {w} reversed?", "Spell {w} in reverse order.",
             "Reverse the letters of {w}.", "Give me {w} written backwards."]
-_SORT = ["Sort the letters of {w} alphabetically.", "Put the letters of {w} in alphabetical order.",
-         "Arrange {w} in alphabetical order.", "What are the letters of {w} sorted?", "Alphabetize the letters in {w}."]
+_UPPER = ["Write {w} in capital letters.", "Uppercase the word {w}.", "What is {w} in upper case?",
+          "Convert {w} to capitals.", "Spell {w} in capital letters."]
 _COUNT = ["How many times does {c} appear in {w}?", "Count the letter {c} in {w}.",
           "How many {c} are in {w}?", "In {w}, how often does {c} occur?", "Count how many {c} there are in {w}."]
 _ARITH = {"+": ["What is {a} + {b}?", "Compute {a} + {b}.", "What is {a} plus {b}?", "Add {a} and {b}.",
@@ -106,26 +106,31 @@ def make_task(family: str, rng: random.Random) -> Task:
     """Draw one task of a family from `rng`."""
     if family == "reverse":
         w = _word(rng, 3, 6)
-        return Task(family, rng.choice(_REVERSE).format(w=w), w[::-1], f"{' '.join(w)} -> {' '.join(w[::-1])}")
-    if family == "sort":
+        return Task(family, rng.choice(_REVERSE).format(w=w), w[::-1],
+                    f"{w} is spelled {' '.join(w)}. Backwards: {' '.join(w[::-1])}.")
+    if family == "upper":
         w = _word(rng, 3, 6)
-        s = "".join(sorted(w))
-        return Task(family, rng.choice(_SORT).format(w=w), s, f"{' '.join(w)} -> {' '.join(s)}")
+        return Task(family, rng.choice(_UPPER).format(w=w), w.upper(),
+                    f"{w} is spelled {' '.join(w)}. In capitals: {' '.join(w.upper())}.")
     if family == "count":
-        w = _word(rng, 3, 8, _COUNT_LETTERS)
+        w = _word(rng, 3, 7, _COUNT_LETTERS)
         c = rng.choice(w) if rng.random() < 0.85 else rng.choice(_COUNT_LETTERS)
         running, steps = 0, []
         for ch in w:
             running += ch == c
             steps.append(f"{ch}:{running}")
-        return Task(family, rng.choice(_COUNT).format(c=c, w=w), str(running), " ".join(steps))
+        return Task(family, rng.choice(_COUNT).format(c=c, w=w), str(running),
+                    f"{w} is spelled {' '.join(w)}. Counting {c}: {' '.join(steps)}.")
     if family == "arith":
         op = rng.choice("+-")
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         if op == "-" and b > a:
             a, b = b, a
         r = a + b if op == "+" else a - b
-        return Task(family, rng.choice(_ARITH[op]).format(a=a, b=b), str(r), f"{a} {op} {b} = {r}")
+        # Counting on (or down) b steps from a: the same counting sequences the base model read.
+        sign = 1 if op == "+" else -1
+        walk = " ".join(f"{a + sign * k}:{k}" for k in range(1, b + 1)) or "no steps"
+        return Task(family, rng.choice(_ARITH[op]).format(a=a, b=b), str(r), f"{a} {op} {b}: {walk}.")
     if family == "capital":
         x, cap = rng.choice(COUNTRIES)
         return Task(family, rng.choice(_CAPITAL).format(x=x), cap, f"The capital of {x} is {cap}.")
@@ -181,7 +186,7 @@ def pretraining_text(n: int, seed: int) -> list[str]:
     rng = random.Random(f"{seed}:pretrain")
     out = []
     for _ in range(n):
-        kind = rng.randrange(6)
+        kind = rng.randrange(8)
         if kind == 0:
             x, cap = rng.choice(COUNTRIES)
             out.append(rng.choice([f"The capital of {x} is {cap}.", f"{cap} is the capital of {x}.",
@@ -198,7 +203,17 @@ def pretraining_text(n: int, seed: int) -> list[str]:
         elif kind == 4:
             start, step = rng.randint(0, 12), rng.choice([1, 1, 1, 2])
             out.append(" ".join(str(start + step * i) for i in range(rng.randint(4, 9))) + ".")
-        else:
+        elif kind == 5:
             start = rng.randint(6, 20)
             out.append("Counting down: " + " ".join(str(start - i) for i in range(rng.randint(4, 7))) + ".")
+        elif kind == 6:
+            start, k, sign = rng.randint(0, 12), rng.randint(1, 9), rng.choice([1, -1])
+            if sign < 0:
+                start = max(start, k)
+            out.append(f"From {start}, counting {'up' if sign > 0 else 'down'}: "
+                       + " ".join(f"{start + sign * i}:{i}" for i in range(1, k + 1)) + ".")
+        else:
+            w = _word(rng, 3, 8)
+            out.append(rng.choice([f"Small {' '.join(w)}, capital {' '.join(w.upper())}.",
+                                   f"{w.upper()} is {w} in capitals.", f"The letter {w[0]} is written {w[0].upper()} as a capital."]))
     return out
