@@ -69,10 +69,83 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(name=stage)(cmd)
 
 
-_stage_command("generate", "Have the teacher answer the prompt set → data/generated.parquet.")
+@app.command()
+def generate(recipe: Path = RecipeArg, force: bool = ForceOpt,
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the calls and worst-case cost; make none")) -> None:
+    """Have the teacher answer the prompt set → data/generated.parquet (every call through the ledger)."""
+    from stillhouse.generate import generate as run_generate
+    from stillhouse.pipeline import open_run
+    from stillhouse.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    run_generate(r, open_run(r), force=force, dry_run=dry_run)
+
+
 _stage_command("train", "Train the student on the generated data → student/.")
 _stage_command("evaluate", "Score teacher, base and student on the held-out benchmark → eval/.")
 _stage_command("report", "Write report.html from the run directory.")
+
+
+ledger_app = typer.Typer(help="The SQLite ledger of teacher and judge calls.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+TargetArg = typer.Argument(..., help="a recipe file or a run directory", show_default=False)
+
+
+def _ledger_path(target: Path) -> Path:
+    from stillhouse.recipe import load_recipe
+    from stillhouse.rundir import RunDir
+
+    run = RunDir(target) if target.is_dir() else RunDir(load_recipe(target).run_path())
+    if not run.ledger.is_file():
+        raise StillhouseError(f"no ledger at {run.ledger}; run `stillhouse generate` first")
+    return run.ledger
+
+
+@ledger_app.command("path")
+def ledger_path(target: Path = TargetArg) -> None:
+    """Print the ledger's path (open it with sqlite3 or datasette)."""
+    print(_ledger_path(target))
+
+
+@ledger_app.command("stats")
+def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Calls, cache hits, tokens and cost per stage and model."""
+    import json
+
+    from rich.table import Table
+
+    from stillhouse.ledger import Ledger
+    from stillhouse.ui import console
+
+    led = Ledger(_ledger_path(target))
+    st = led.stats()
+    led.close()
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    t = Table(title=f"ledger: {st['calls']} calls, ${st['cost_usd']:.4f}")
+    for col in ("stage", "model", "calls", "prompt tokens", "completion tokens", "cost USD", "mean latency s"):
+        t.add_column(col)
+    for p in st["by_stage_model"]:
+        t.add_row(p["stage"], p["model"], str(p["calls"]), f"{p['prompt_tokens']:,}", f"{p['completion_tokens']:,}",
+                  f"{p['cost_usd'] or 0:.4f}", "-" if p["mean_latency_s"] is None else f"{p['mean_latency_s']:.3f}")
+    console.print(t)
+    s = st["sessions"]
+    console.print(f"{s['runs']} runs asked for {s['requested']} calls: {s['cache_hits']} cache hits, "
+                  f"{s['calls_made']} made, {s['failed']} failed")
+
+
+@ledger_app.command("export")
+def ledger_export(target: Path = TargetArg) -> None:
+    """Every call as JSON lines on stdout."""
+    import json
+
+    from stillhouse.ledger import Ledger
+
+    led = Ledger(_ledger_path(target))
+    for row in led.export():
+        print(json.dumps(row, ensure_ascii=False))
+    led.close()
 
 
 @demo_app.callback()

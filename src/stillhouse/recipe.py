@@ -19,9 +19,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PriceSpec(_Strict):
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+
+
 class TeacherSpec(_Strict):
     spec: str = Field(description="BACKEND:MODEL, e.g. hf:/models/Qwen2.5-7B-Instruct or openai:gpt-4o-mini")
-    options: dict[str, Any] = Field(default_factory=dict, description="backend options, e.g. batch_size, device")
+    options: dict[str, Any] = Field(default_factory=dict, description="backend options, e.g. batch_size, base_url")
+    price: PriceSpec | None = Field(None, description="USD per million tokens; default: the built-in table, else 0")
+    max_cost_usd: float | None = Field(None, gt=0, description="stop generating before teacher spend would pass this")
+    terms: str = Field("unknown", description="the teacher's terms of use, an id from stillhouse.terms.REGISTRY")
+
+    @field_validator("terms")
+    @classmethod
+    def _check_terms(cls, v: str) -> str:
+        from stillhouse.terms import REGISTRY
+
+        if v not in REGISTRY:
+            import difflib
+
+            close = difflib.get_close_matches(v, list(REGISTRY), n=1, cutoff=0.5)
+            raise ValueError(f"unknown terms {v!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (known: {', '.join(REGISTRY)})")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_inline_keys(cls, v: dict) -> dict:
+        if "api_key" in v:
+            raise ValueError("put the key in an environment variable and name it with api_key_env; "
+                             "a key in a recipe would be copied into the run directory")
+        return v
 
     @field_validator("spec")
     @classmethod
@@ -86,6 +115,12 @@ class EvaluateSpec(_Strict):
     _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _existing_file(v)))
 
 
+class UseSpec(_Strict):
+    intended: Literal["research", "internal", "commercial", "open-weights"] = Field(
+        "research", description="what the student is for; checked against the teacher's terms")
+    override_terms_conflict: bool = Field(False, description="run despite a conflict; recorded in the cards")
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the run directory runs/<name>")
     run_dir: str | None = None
@@ -95,6 +130,7 @@ class Recipe(_Strict):
     student: StudentSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    use: UseSpec = Field(default_factory=UseSpec)
 
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

@@ -58,6 +58,7 @@ class RunDir:
         self.root = Path(root)
 
     recipe = property(lambda self: self.root / "recipe.yaml")
+    ledger = property(lambda self: self.root / "ledger.db")
     generated = property(lambda self: self.root / "data" / "generated.parquet")
     student = property(lambda self: self.root / "student")
     results = property(lambda self: self.root / "eval" / "results.json")

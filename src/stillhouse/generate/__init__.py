@@ -69,50 +69,125 @@ def request_key(backend: str, model: str, req: Request) -> str:
                         "sample_index": req.sample_index})
 
 
-def generate(recipe: Recipe, run: RunDir, force: bool = False) -> dict:
-    """Run the generate stage (skipped if finished with the same inputs unless `force`)."""
+def check_terms(recipe: Recipe) -> None:
+    """Stop with a clear message when the declared use conflicts with the teacher's terms."""
+    from stillhouse.terms import check_use
+
+    conflict = check_use(recipe.teacher.terms, recipe.use.intended, recipe.use.override_terms_conflict)
+    if conflict:
+        raise StillhouseError(f"use.intended: {conflict}; set use.override_terms_conflict: true to run anyway "
+                              "(it is recorded in the cards)")
+
+
+def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = False) -> dict | None:
+    """Run the generate stage through the ledger: cached calls are reused, only missing ones are made.
+
+    Skipped when finished with the same inputs unless `force`; `force` re-assembles the data
+    from the ledger and makes no call already recorded there. With `dry_run`, prints the
+    calls it would make and their worst-case cost, and makes none.
+    """
+    from stillhouse.costs import Budget, estimate_prompt_tokens, price_for
+    from stillhouse.ledger import Ledger
+    from stillhouse.teachers import parse_spec
+
     config = {"teacher": recipe.teacher.model_dump(), "prompts": recipe.prompts.model_dump(),
-              "generation": recipe.generation.model_dump(), "method": "responses"}
+              "generation": recipe.generation.model_dump(), "use": recipe.use.model_dump(), "method": "responses"}
     inputs = {"prompts": recipe.prompts.source if recipe.prompts.source == "world" else hash_path(recipe.prompts.source)}
-    if not force and run.is_done("generate", inputs, config):
+    if not force and not dry_run and run.is_done("generate", inputs, config):
         console.print("generate: already finished, skipping (use --force to redo)")
         return run.manifest("generate")
-    started = run.begin("generate")
+    check_terms(recipe)
+    backend_name, model = parse_spec(recipe.teacher.spec)
     prompts = load_prompts(recipe.prompts)
     g = recipe.generation
     reqs = [Request(messages=tuple(m), max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                     sample_index=k) for m in prompts for k in range(g.samples_per_prompt)]
-    backend = load_backend(recipe.teacher.spec, recipe.teacher.options)
-    template_hash = tagged_hash({"method": "responses", "template": RESPONSES_TEMPLATE})
-    rows: list[dict | None] = [None] * len(reqs)
-    t0, tokens = time.time(), 0
-    with progress_bar("generate", len(reqs)) as advance:
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            advance(n, tokens=f"{tokens:,}", rate=f"{done / max(time.time() - t0, 1e-9):.1f}/s")
-
-        for i, c in backend.generate(reqs, progress=tick):
-            r = reqs[i]
-            tokens += c.prompt_tokens + c.completion_tokens
-            rows[i] = {
-                "messages": [*r.messages, {"role": "assistant", "content": c.text}],
-                "reasoning": c.reasoning, "finish_reason": c.finish_reason,
-                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "teacher_backend": backend.name, "teacher_model": recipe.teacher.spec.split(":", 1)[1],
-                "reported_model": c.model, "system_fingerprint": c.system_fingerprint,
-                "sampling_params": json.dumps(r.params(), sort_keys=True), "sample_index": r.sample_index,
-                "prompt_template_hash": template_hash, "ledger_key": request_key(backend.name, backend.model, r),
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-    backend.close()
+    keys = [request_key(backend_name, model, r) for r in reqs]
+    price = price_for(model, recipe.teacher.price.model_dump() if recipe.teacher.price else None)
+    worst = [price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in reqs]
+    ledger = Ledger(run.ledger)
+    try:
+        cached = ledger.get_many(keys)
+        missing = [i for i, k in enumerate(keys) if k not in cached]
+        if dry_run:
+            console.print(f"generate --dry-run: {len(reqs)} samples, {len(cached)} already in the ledger, "
+                          f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost "
+                          f"${sum(worst[i] for i in missing):.4f} (every answer at max_tokens={g.max_tokens}; "
+                          f"price ${price.input_per_million}/${price.output_per_million} per M tokens in/out)")
+            return None
+        started = run.begin("generate")
+        session = ledger.start_session("generate", model, len(reqs), len(cached))
+        budget = Budget(recipe.teacher.max_cost_usd, spent_usd=ledger.spent("generate"))
+        made, failures = _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget, len(cached))
+        ledger.end_session(session, made, len(failures), budget.refused)
+        if failures:
+            raise StillhouseError(f"generate: {len(failures)} of {len(missing)} teacher calls failed after retries "
+                                  f"(first: {failures[0]}); the {made} that succeeded are saved in {run.ledger}; "
+                                  "re-run to retry only the failed ones")
+        if budget.refused:
+            raise StillhouseError(f"generate: stopped before exceeding teacher.max_cost_usd=${budget.cap:.4f} (spent "
+                                  f"${budget.spent:.4f}; {len(cached) + made} of {len(reqs)} samples done, all saved "
+                                  f"in {run.ledger}); raise the cap and re-run to continue")
+        rows = _rows(recipe, reqs, keys, ledger.get_many(keys), backend_name)
+    finally:
+        ledger.close()
     run.generated.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.generated.with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(run.generated)
-    counts = {"samples": len(rows), "prompts": len(prompts), "truncated": sum(r["finish_reason"] == "length" for r in rows),
+    counts = {"samples": len(rows), "prompts": len(prompts), "cache_hits": len(cached), "calls_made": made,
+              "truncated": sum(r["finish_reason"] == "length" for r in rows),
               "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-              "completion_tokens": sum(r["completion_tokens"] for r in rows)}
+              "completion_tokens": sum(r["completion_tokens"] for r in rows),
+              "cost_usd": round(sum(r["cost_usd"] for r in rows), 6)}
     return run.finish("generate", started, inputs, config, {"generated": run.generated}, counts)
+
+
+def _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget, n_cached) -> tuple[int, list[str]]:
+    """Make the missing calls, committing each to the ledger the moment it completes."""
+    backend = load_backend(recipe.teacher.spec, recipe.teacher.options)
+    sub = [reqs[i] for i in missing]
+    made, failures, tokens, t0 = 0, [], 0, time.time()
+    try:
+        with progress_bar("generate", len(reqs)) as advance:
+            advance(n_cached, cached=n_cached)
+            for j, result in backend.generate(sub, admit=lambda j: budget.admit(worst[missing[j]])):
+                i = missing[j]
+                if isinstance(result, Exception):
+                    failures.append(str(result))
+                    budget.settle(worst[i], 0.0)
+                    advance(0, failed=len(failures))
+                    continue
+                cost = price.cost(result.prompt_tokens, result.completion_tokens)
+                ledger.record(keys[i], stage="generate", backend=backend.name, endpoint=getattr(backend, "endpoint", None),
+                              model=backend.model, request={"messages": list(reqs[i].messages), **reqs[i].params(),
+                                                            "sample_index": reqs[i].sample_index},
+                              completion=result, latency_s=result.extra.get("latency_s"), cost_usd=cost,
+                              attempts=result.extra.get("attempts", 1))
+                budget.settle(worst[i], cost)
+                made += 1
+                tokens += result.prompt_tokens + result.completion_tokens
+                rate = made / max(time.time() - t0, 1e-9)
+                advance(1, tokens=f"{tokens:,}", cost=f"${budget.spent:.4f}", rate=f"{rate:.1f}/s",
+                        **({"failed": len(failures)} if failures else {}))
+    finally:
+        backend.close()
+    return made, failures
+
+
+def _rows(recipe: Recipe, reqs: list[Request], keys: list[str], calls: dict, backend_name: str) -> list[dict]:
+    template_hash = tagged_hash({"method": "responses", "template": RESPONSES_TEMPLATE})
+    rows = []
+    for r, k in zip(reqs, keys):
+        c = calls[k].completion
+        rows.append({
+            "messages": [*r.messages, {"role": "assistant", "content": c.text}],
+            "reasoning": c.reasoning, "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost_usd": calls[k].cost_usd,
+            "teacher_backend": backend_name, "teacher_model": recipe.teacher.spec.split(":", 1)[1],
+            "reported_model": c.model, "system_fingerprint": c.system_fingerprint,
+            "sampling_params": json.dumps(r.params(), sort_keys=True), "sample_index": r.sample_index,
+            "prompt_template_hash": template_hash, "ledger_key": k, "teacher_terms": recipe.teacher.terms,
+            "created_at": datetime.fromtimestamp(calls[k].created_at, timezone.utc).isoformat(timespec="seconds"),
+        })
+    return rows

@@ -49,8 +49,13 @@ class Backend(Protocol):
     name: str
     model: str
 
-    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Completion]]:
-        """Yield `(index into requests, completion)` in any order, each request exactly once."""
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
+                 admit: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Completion | Exception]]:
+        """Yield `(index into requests, completion)` in any order, each admitted request exactly once.
+
+        `admit(i)`, when given, is asked before request i is started; a False stops new work.
+        A request that failed for good is yielded with the exception in place of a completion.
+        """
         ...
 
     def close(self) -> None: ...
@@ -121,3 +126,10 @@ def _hf(model: str, options: dict) -> Backend:
     from stillhouse.teachers.hf import HFBackend  # imported on use: torch is slow to import
 
     return HFBackend(model, options)
+
+
+@register("openai")
+def _openai(model: str, options: dict) -> Backend:
+    from stillhouse.teachers.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(model, options)

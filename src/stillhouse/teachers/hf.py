@@ -54,7 +54,8 @@ class HFBackend:
         return self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Completion]]:
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
+                 admit: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Completion]]:
         prompts = [self._prompt(r) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
         # Batches share sampling parameters, so group by them first.
@@ -66,6 +67,12 @@ class HFBackend:
         for (max_tokens, temperature, top_p), idxs in groups.items():
             for start in range(0, len(idxs), self.batch_size):
                 batch = idxs[start:start + self.batch_size]
+                if admit is not None:
+                    allowed = [i for i in batch if admit(i)]  # admit() reserves; stop at the first refusal
+                    stopping = len(allowed) < len(batch)
+                    batch = allowed
+                    if not batch:
+                        return
                 enc = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                                      add_special_tokens=False).to(self.device)
                 kwargs = dict(max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
@@ -94,6 +101,8 @@ class HFBackend:
                     )
                 if progress:
                     progress(len(batch))
+                if admit is not None and stopping:
+                    return
 
     def close(self) -> None:
         self.lm = None

@@ -1,0 +1,165 @@
+"""The ledger: one SQLite row per teacher or judge call.
+
+It is the cache (a call whose key is already here is never made again), the resume log (a
+call is committed the moment it completes, so after `kill -9` a re-run makes only the
+missing calls), and the account book (tokens and cost per model and stage). SQLite in WAL
+mode: each completed call is one small transaction, and a reader never blocks the writer.
+The schema changes only by appending to MIGRATIONS. API keys are never written here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from stillhouse.teachers import Completion
+
+
+def _m001_calls(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE calls (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            stage TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            endpoint TEXT,
+            model TEXT NOT NULL,
+            request TEXT NOT NULL,
+            response TEXT NOT NULL,
+            reasoning TEXT,
+            logprobs TEXT,
+            finish_reason TEXT,
+            reported_model TEXT,
+            system_fingerprint TEXT,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_s REAL,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            status TEXT NOT NULL DEFAULT 'ok',
+            created_at REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX calls_stage_model ON calls(stage, model)")
+
+
+def _m002_sessions(db: sqlite3.Connection) -> None:
+    # One row per stage invocation: how many calls it needed, found cached, made, and failed.
+    db.execute("""
+        CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY,
+            stage TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requested INTEGER NOT NULL,
+            cache_hits INTEGER NOT NULL,
+            calls_made INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            stopped_by_budget INTEGER NOT NULL DEFAULT 0,
+            started_at REAL NOT NULL,
+            finished_at REAL
+        )""")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_calls, _m002_sessions]
+
+
+@dataclass
+class CachedCall:
+    key: str
+    completion: Completion
+    cost_usd: float
+    created_at: float
+
+
+class Ledger:
+    """The SQLite call ledger at `path` (created and migrated on open)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a process kill
+        self._migrate()
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL)")
+        done = {r[0] for r in self.db.execute("SELECT id FROM migrations")}
+        for i, m in enumerate(MIGRATIONS, 1):
+            if i in done:
+                continue
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                m(self.db)
+                self.db.execute("INSERT INTO migrations VALUES (?, ?, ?)", (i, m.__name__.lstrip("_"), time.time()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, CachedCall]:
+        """The recorded calls among `keys`."""
+        keys = list(keys)
+        out: dict[str, CachedCall] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            q = ("SELECT key, response, reasoning, logprobs, finish_reason, reported_model, system_fingerprint, "
+                 "prompt_tokens, completion_tokens, cost_usd, created_at FROM calls WHERE status = 'ok' AND key IN "
+                 f"({','.join('?' * len(chunk))})")
+            for row in self.db.execute(q, chunk):
+                c = Completion(text=row[1], reasoning=row[2], prompt_tokens=row[7], completion_tokens=row[8],
+                               finish_reason=row[4], model=row[5], system_fingerprint=row[6],
+                               extra={"logprobs": json.loads(row[3])} if row[3] else {})
+                out[row[0]] = CachedCall(row[0], c, row[9], row[10])
+        return out
+
+    def record(self, key: str, *, stage: str, backend: str, endpoint: str | None, model: str, request: dict,
+               completion: Completion, latency_s: float | None, cost_usd: float, attempts: int = 1) -> bool:
+        """Commit one completed call; returns False (and changes nothing) if its key is already recorded."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO calls (key, stage, backend, endpoint, model, request, response, reasoning, logprobs, "
+            "finish_reason, reported_model, system_fingerprint, prompt_tokens, completion_tokens, latency_s, cost_usd, "
+            "attempts, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'ok',?)",
+            (key, stage, backend, endpoint, model, json.dumps(request, sort_keys=True), completion.text,
+             completion.reasoning, json.dumps(completion.extra["logprobs"]) if completion.extra.get("logprobs") else None,
+             completion.finish_reason, completion.model, completion.system_fingerprint, completion.prompt_tokens,
+             completion.completion_tokens, latency_s, cost_usd, attempts, time.time()))
+        return cur.rowcount == 1
+
+    def start_session(self, stage: str, model: str, requested: int, cache_hits: int) -> int:
+        cur = self.db.execute("INSERT INTO sessions (stage, model, requested, cache_hits, started_at) VALUES (?,?,?,?,?)",
+                              (stage, model, requested, cache_hits, time.time()))
+        return cur.lastrowid
+
+    def end_session(self, sid: int, calls_made: int, failed: int, stopped_by_budget: bool) -> None:
+        self.db.execute("UPDATE sessions SET calls_made=?, failed=?, stopped_by_budget=?, finished_at=? WHERE id=?",
+                        (calls_made, failed, int(stopped_by_budget), time.time(), sid))
+
+    def spent(self, stage: str | None = None) -> float:
+        q, args = "SELECT COALESCE(SUM(cost_usd), 0) FROM calls", ()
+        if stage:
+            q, args = q + " WHERE stage = ?", (stage,)
+        return float(self.db.execute(q, args).fetchone()[0])
+
+    def stats(self) -> dict:
+        """Calls, cache hits, tokens and cost, per stage and model."""
+        per = [dict(zip(("stage", "model", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "mean_latency_s"), r))
+               for r in self.db.execute(
+                   "SELECT stage, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), AVG(latency_s) "
+                   "FROM calls GROUP BY stage, model ORDER BY stage, model")]
+        sess = self.db.execute("SELECT COUNT(*), COALESCE(SUM(requested),0), COALESCE(SUM(cache_hits),0), "
+                               "COALESCE(SUM(calls_made),0), COALESCE(SUM(failed),0) FROM sessions").fetchone()
+        return {"by_stage_model": per, "calls": sum(p["calls"] for p in per),
+                "cost_usd": sum(p["cost_usd"] or 0 for p in per),
+                "sessions": dict(zip(("runs", "requested", "cache_hits", "calls_made", "failed"), sess))}
+
+    def export(self) -> Iterable[dict]:
+        cols = [d[1] for d in self.db.execute("PRAGMA table_info(calls)")]
+        for row in self.db.execute(f"SELECT {', '.join(cols)} FROM calls ORDER BY id"):
+            yield dict(zip(cols, row))

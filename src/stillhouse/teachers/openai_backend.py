@@ -1,0 +1,216 @@
+"""The `openai` backend: any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp, `stillhouse serve`).
+
+Built on the official client's async API. A fixed pool of workers keeps `concurrency` calls
+in flight at all times (a slow call never holds up the others, unlike batch-at-a-time
+clients), each worker sending to the endpoint with the fewest calls in flight.
+
+Retries are ours, not the client's (its `max_retries` is set to 0): the client does not
+retry a 200 response whose body is malformed or truncated, and that must count as a failed
+attempt, never as a sample. Back-off is exponential with full jitter, and honours
+`Retry-After` when the server sends one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import random
+import threading
+import time
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+from stillhouse.errors import StillhouseError
+from stillhouse.teachers import Completion, Request, split_reasoning
+
+# Statuses where retrying cannot help: the request itself is wrong, or the key is.
+_FATAL_STATUS = {400, 401, 403, 404, 422}
+
+
+class CallFailed(Exception):
+    """A request that failed on every attempt; `reason` says why (never includes the key)."""
+
+    def __init__(self, index: int, reason: str, attempts: int):
+        super().__init__(reason)
+        self.index, self.reason, self.attempts = index, reason, attempts
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, model: str, options: dict):
+        from openai import AsyncOpenAI  # noqa: F401  (fail early if the client is missing)
+
+        self.model = model
+        urls = options.get("base_url") or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.base_urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.base_urls:
+            raise StillhouseError("teacher.options.base_url: give at least one endpoint URL")
+        key_env = options.get("api_key_env", "OPENAI_API_KEY")
+        self.api_key = os.environ.get(key_env)
+        if self.api_key is None:
+            if options.get("api_key_required", True) and any("api.openai.com" in u for u in self.base_urls):
+                raise StillhouseError(f"teacher.options.api_key_env: environment variable {key_env} is not set")
+            self.api_key = "none"  # local servers usually need no key; the client insists on one
+        self.concurrency = int(options.get("concurrency", 16))
+        self.timeout = float(options.get("timeout", 120))
+        self.max_attempts = int(options.get("max_attempts", 8))
+        self.backoff_base = float(options.get("backoff_base", 0.5))
+        self.backoff_max = float(options.get("backoff_max", 60))
+        self.logprobs = bool(options.get("logprobs", False))
+        self.top_logprobs = options.get("top_logprobs")
+        self.extra_body = dict(options.get("extra_body", {}))
+        self.endpoint = ",".join(urlparse(u).netloc for u in self.base_urls)  # hosts only: never a key
+        self.stats = {"attempts": 0, "retries": 0, "failed": 0}
+
+    # -- one call ---------------------------------------------------------------------------
+    def _body(self, req: Request) -> dict:
+        body = {"model": self.model, "messages": list(req.messages), "max_tokens": req.max_tokens,
+                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed + req.sample_index}
+        if self.logprobs:
+            body["logprobs"] = True
+            if self.top_logprobs:
+                body["top_logprobs"] = int(self.top_logprobs)
+        return body
+
+    @staticmethod
+    def _parse(resp) -> Completion:
+        """Validate a response; raise ValueError for anything that is not a usable completion."""
+        if not getattr(resp, "choices", None):
+            raise ValueError("response has no choices")
+        choice = resp.choices[0]
+        msg = choice.message
+        if msg is None or not isinstance(msg.content, str):
+            raise ValueError("response choice has no message content")
+        if choice.finish_reason is None:
+            raise ValueError("response choice has no finish_reason (truncated?)")
+        reasoning = getattr(msg, "reasoning_content", None) or (msg.model_extra or {}).get("reasoning_content")
+        think, _ = split_reasoning(msg.content)
+        usage = resp.usage
+        extra = {}
+        if choice.logprobs is not None and choice.logprobs.content is not None:
+            extra["logprobs"] = [
+                {"token": t.token, "logprob": t.logprob,
+                 "top_logprobs": [{"token": x.token, "logprob": x.logprob} for x in (t.top_logprobs or [])]}
+                for t in choice.logprobs.content]
+        return Completion(
+            text=msg.content, reasoning=reasoning or think,
+            prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=choice.finish_reason, model=resp.model, system_fingerprint=resp.system_fingerprint, extra=extra)
+
+    def _delay(self, attempt: int, exc: Exception | None) -> float:
+        retry_after = None
+        response = getattr(exc, "response", None)
+        if response is not None:
+            h = response.headers.get("retry-after")
+            try:
+                retry_after = float(h) if h is not None else None
+            except ValueError:
+                retry_after = None
+        if retry_after is not None:
+            return min(retry_after, self.backoff_max)
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
+
+    async def _call(self, clients, inflight, index: int, req: Request):
+        import openai
+
+        last = "no attempt made"
+        for attempt in range(self.max_attempts):
+            k = min(range(len(clients)), key=lambda j: inflight[j])
+            inflight[k] += 1
+            t0 = time.perf_counter()
+            exc: Exception | None = None
+            try:
+                self.stats["attempts"] += 1
+                resp = await clients[k].chat.completions.create(**self._body(req), extra_body=self.extra_body or None)
+                completion = self._parse(resp)
+                completion.extra["latency_s"] = time.perf_counter() - t0
+                completion.extra["attempts"] = attempt + 1
+                return completion
+            except openai.APIStatusError as e:
+                if e.status_code in _FATAL_STATUS:
+                    raise CallFailed(index, f"HTTP {e.status_code} from {urlparse(self.base_urls[k]).netloc}: "
+                                            f"{_safe_message(e)}", attempt + 1) from None
+                exc, last = e, f"HTTP {e.status_code}"
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                exc, last = e, type(e).__name__
+            except (ValueError, openai.APIResponseValidationError) as e:  # includes JSONDecodeError
+                exc, last = None, f"malformed response ({type(e).__name__})"
+            finally:
+                inflight[k] -= 1
+            self.stats["retries"] += 1
+            await asyncio.sleep(self._delay(attempt, exc))
+        raise CallFailed(index, f"gave up after {self.max_attempts} attempts; last error: {last}", self.max_attempts)
+
+    # -- the pool ---------------------------------------------------------------------------
+    def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
+                 admit: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Completion]]:
+        """Yield `(index, completion)` as calls finish; a CallFailed is yielded in place of a completion.
+
+        `admit(i)` is asked before request i is sent; once it answers False no new call starts
+        (calls in flight finish), which is how a budget cap stops a run cleanly.
+        """
+        out: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        async def main() -> None:
+            from openai import AsyncOpenAI
+
+            clients = [AsyncOpenAI(base_url=u, api_key=self.api_key, max_retries=0, timeout=self.timeout)
+                       for u in self.base_urls]
+            inflight = [0] * len(clients)
+            todo = iter(range(len(requests)))
+            lock = asyncio.Lock()
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    async with lock:
+                        i = next(todo, None)
+                        if i is None or (admit is not None and not admit(i)):
+                            return
+                    try:
+                        out.put((i, await self._call(clients, inflight, i, requests[i])))
+                    except CallFailed as e:
+                        self.stats["failed"] += 1
+                        out.put((i, e))
+
+            try:
+                await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(1, len(requests))))))
+            finally:
+                for c in clients:
+                    await c.close()
+
+        def runner() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as e:  # surface crashes of the loop to the consumer
+                out.put((None, e))
+            finally:
+                out.put(done)
+
+        thread = threading.Thread(target=runner, name="stillhouse-openai", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is done:
+                    break
+                i, result = item
+                if i is None:
+                    raise result
+                if progress:
+                    progress(1)
+                yield i, result
+        finally:
+            stop.set()
+
+    def close(self) -> None:
+        pass
+
+
+def _safe_message(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    msg = body.get("message") if isinstance(body, dict) else None
+    return (msg or str(e))[:200]
