@@ -177,3 +177,21 @@ class FakeOpenAI:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main() -> None:
+    """Serve until killed: `python -m tests.fake_openai --latency 0.2 --max-concurrency 64` prints the base URL."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    args = ap.parse_args()
+    with FakeOpenAI(latency_s=args.latency, max_concurrency=args.max_concurrency, fault_rate=args.fault_rate) as srv:
+        print(srv.base_url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -48,3 +48,30 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 def test_split_reasoning():
     assert split_reasoning("<think>because</think>\nAnswer: 1") == ("because", "Answer: 1")
     assert split_reasoning("Answer: 1") == (None, "Answer: 1")
+
+
+def test_hf_backend_top_k_logprobs(tiny_models):
+    import math
+
+    b = load_backend(f"hf:{tiny_models['teacher']}", {"top_logprobs": 3})
+    (_, c), = list(b.generate(_reqs(1)))
+    lp = c.extra["logprobs"]
+    assert len(lp) == c.completion_tokens
+    for step in lp:
+        assert len(step["top_logprobs"]) == 3
+        assert step["top_logprobs"][0]["logprob"] >= step["top_logprobs"][1]["logprob"]
+        assert step["logprob"] <= 0 and math.isclose(step["logprob"], step["top_logprobs"][0]["logprob"], abs_tol=1e-4)
+
+
+def test_hf_backend_goes_through_the_ledger(tiny_models, tmp_path):
+    from stillhouse.generate import generate
+    from stillhouse.ledger import Ledger
+    from stillhouse.pipeline import open_run
+    from stillhouse.recipe import parse_recipe
+
+    r = parse_recipe(f"name: h\nrun_dir: {tmp_path / 'run'}\nteacher: {{spec: 'hf:{tiny_models['teacher']}'}}\n"
+                     f"prompts: {{n: 6}}\ngeneration: {{max_tokens: 4}}\nstudent: {{base: x}}\n")
+    generate(r, open_run(r))
+    m = generate(r, open_run(r), force=True)
+    assert m["counts"]["cache_hits"] == 6 and m["counts"]["calls_made"] == 0
+    assert Ledger(tmp_path / "run" / "ledger.db").stats()["calls"] == 6

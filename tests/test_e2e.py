@@ -113,3 +113,16 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     colors = {c for _, c in img.getcolors(maxcolors=1 << 24)}
     # the teacher's bars (orange) are drawn: the chart image really rendered on the page
     assert any(abs(r - 0xF2) < 8 and abs(g - 0x99) < 8 and abs(b - 0x4A) < 8 for r, g, b in colors)
+
+
+def test_model_card_and_ledger_cli(finished_run):
+    root, run, recipe, _ = finished_run
+    card = (run / "student" / "README.md").read_text()
+    assert "Teacher's terms: **Unknown terms**" in card and "intended use: **research**" in card
+    out = subprocess.run([*STILLHOUSE, "ledger", "stats", str(recipe), "--json"], cwd=root, capture_output=True, text=True)
+    st = json.loads(out.stdout)
+    assert st["calls"] == 12 and st["sessions"]["calls_made"] == 12
+    out = subprocess.run([*STILLHOUSE, "ledger", "export", str(run)], cwd=root, capture_output=True, text=True)
+    assert len(out.stdout.splitlines()) == 12 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
+    out = subprocess.run([*STILLHOUSE, "ledger", "path", str(run)], cwd=root, capture_output=True, text=True)
+    assert out.stdout.strip().endswith("ledger.db")

@@ -45,6 +45,7 @@ class HFBackend:
         dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
         self.lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(self.device).eval()
         self.model_id = model
+        self.top_logprobs = int(options.get("top_logprobs", 0))  # >0: keep the k most likely tokens per step
         self.fingerprint = _dir_fingerprint(path) if path.exists() else None
 
     def count_tokens(self, text: str) -> int:
@@ -82,8 +83,13 @@ class HFBackend:
                     kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
                 else:
                     kwargs.update(do_sample=False)
+                if self.top_logprobs:
+                    kwargs.update(output_logits=True, return_dict_in_generate=True)
                 out = self.lm.generate(**enc, **kwargs)
-                new = out[:, enc["input_ids"].shape[1]:]
+                seqs = out.sequences if self.top_logprobs else out
+                new = seqs[:, enc["input_ids"].shape[1]:]
+                # raw logits (before temperature / top-p) per step: what logit distillation wants
+                steps = torch.stack(out.logits, 1).float().log_softmax(-1) if self.top_logprobs else None
                 for row, i in enumerate(batch):
                     ids = new[row].tolist()
                     finish = "length"
@@ -94,15 +100,26 @@ class HFBackend:
                         ids.pop()
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     reasoning, _ = split_reasoning(text)
+                    extra = {"logprobs": self._logprobs(steps[row], new[row], len(ids) + (finish == "stop"))} \
+                        if steps is not None else {}
                     yield i, Completion(
                         text=text, reasoning=reasoning,
                         prompt_tokens=int(enc["attention_mask"][row].sum()), completion_tokens=len(ids) + (finish == "stop"),
-                        finish_reason=finish, model=self.model_id, system_fingerprint=self.fingerprint,
+                        finish_reason=finish, model=self.model_id, system_fingerprint=self.fingerprint, extra=extra,
                     )
                 if progress:
                     progress(len(batch))
                 if admit is not None and stopping:
                     return
+
+    def _logprobs(self, logp: torch.Tensor, chosen: torch.Tensor, n: int) -> list[dict]:
+        """Per generated token: its id, text and logprob, and the top-k alternatives (OpenAI's shape, plus ids)."""
+        top = logp[:n].topk(self.top_logprobs, dim=-1)
+        conv = self.tokenizer.convert_ids_to_tokens
+        return [{"id": int(chosen[t]), "token": conv(int(chosen[t])), "logprob": float(logp[t, chosen[t]]),
+                 "top_logprobs": [{"id": int(j), "token": conv(int(j)), "logprob": float(v)}
+                                  for v, j in zip(top.values[t].tolist(), top.indices[t].tolist())]}
+                for t in range(n)]
 
     def close(self) -> None:
         self.lm = None

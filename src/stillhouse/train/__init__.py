@@ -142,6 +142,7 @@ def train(recipe, run, force: bool = False) -> dict:
     (run.student / "README.md").write_text(card)
     (run.student / "stillhouse_provenance.json").write_text(json.dumps(
         {"teacher": recipe.teacher.spec, "base": recipe.student.base, "data_hash": data_hash, "samples": len(rows),
+         "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
          "train": config["train"]}, indent=2) + "\n")
     counts = {"samples": len(rows), "steps": result.steps, "parameters": result.parameters,
               "trainable_parameters": result.trainable_parameters, "base_parameters": count_parameters(base),
@@ -165,5 +166,19 @@ Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{recipe.
 - Epochs {t.epochs}, learning rate {t.learning_rate}, batch size {t.batch_size}, seed {t.seed}
 - Parameters: {result.parameters:,}; {result.steps} steps in {result.seconds:.1f} s; final loss {result.final_loss}
 
-The teacher's terms of use govern what this model may be used for; check them before you publish it.
+## Terms of use
+
+{_terms_section(recipe)}
 """
+
+
+def _terms_section(recipe) -> str:
+    from stillhouse.terms import REGISTRY, check_use
+
+    t = REGISTRY[recipe.teacher.terms]
+    lines = [f"- Teacher's terms: **{t.name}** ({t.url or 'no source given'}): {t.note}",
+             f"- Declared intended use: **{recipe.use.intended}**"]
+    if check_use(t.id, recipe.use.intended, override=False):
+        lines.append("- **The declared use conflicts with these terms; the run was made with "
+                     "`use.override_terms_conflict: true`.**")
+    return "\n".join(lines)
