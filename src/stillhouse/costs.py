@@ -68,6 +68,9 @@ class Budget:
             self.reserved += worst_case_usd
             return True
 
+    def __str__(self) -> str:
+        return f"${self.spent:.4f}" + (f" of ${self.cap:.2f}" if self.cap is not None else "")
+
     def settle(self, worst_case_usd: float, actual_usd: float) -> None:
         with self._lock:
             self.reserved -= worst_case_usd

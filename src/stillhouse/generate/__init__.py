@@ -118,7 +118,9 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
         started = run.begin("generate")
         session = ledger.start_session("generate", model, len(reqs), len(cached))
         budget = Budget(recipe.teacher.max_cost_usd, spent_usd=ledger.spent("generate"))
+        t_calls = time.time()
         made, failures = _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget, len(cached))
+        t_calls = time.time() - t_calls
         ledger.end_session(session, made, len(failures), budget.refused)
         if failures:
             raise StillhouseError(f"generate: {len(failures)} of {len(missing)} teacher calls failed after retries "
@@ -136,6 +138,7 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(run.generated)
     counts = {"samples": len(rows), "prompts": len(prompts), "cache_hits": len(cached), "calls_made": made,
+              "call_seconds": round(t_calls, 3), "calls_per_second": round(made / t_calls, 2) if made else None,
               "truncated": sum(r["finish_reason"] == "length" for r in rows),
               "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
               "completion_tokens": sum(r["completion_tokens"] for r in rows),
@@ -167,12 +170,20 @@ def _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget
                 budget.settle(worst[i], cost)
                 made += 1
                 tokens += result.prompt_tokens + result.completion_tokens
-                rate = made / max(time.time() - t0, 1e-9)
-                advance(1, tokens=f"{tokens:,}", cost=f"${budget.spent:.4f}", rate=f"{rate:.1f}/s",
-                        **({"failed": len(failures)} if failures else {}))
+                advance(1, tokens=f"{tokens:,}", cost=budget, rate=_Rate(made, t0), **({"failed": len(failures)} if failures else {}))
     finally:
         backend.close()
     return made, failures
+
+
+class _Rate:
+    """Formats itself only when the progress bar redraws."""
+
+    def __init__(self, n: int, t0: float):
+        self.n, self.t0 = n, t0
+
+    def __str__(self) -> str:
+        return f"{self.n / max(time.time() - self.t0, 1e-9):.1f}/s"
 
 
 def _rows(recipe: Recipe, reqs: list[Request], keys: list[str], calls: dict, backend_name: str) -> list[dict]:
