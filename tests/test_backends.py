@@ -75,3 +75,19 @@ def test_hf_backend_goes_through_the_ledger(tiny_models, tmp_path):
     m = generate(r, open_run(r), force=True)
     assert m["counts"]["cache_hits"] == 6 and m["counts"]["calls_made"] == 0
     assert Ledger(tmp_path / "run" / "ledger.db").stats()["calls"] == 6
+
+
+def test_cache_identity_of_a_local_model_follows_its_weights(tiny_models, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from stillhouse.generate import cache_model_id
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["teacher"], d)
+    before = cache_model_id("hf", str(d))
+    assert before == cache_model_id("hf", str(d)) and before.startswith(f"{d}@fp_")
+    AutoModelForCausalLM.from_pretrained(tiny_models["base"]).save_pretrained(d)  # retrained in place
+    assert cache_model_id("hf", str(d)) != before
+    assert cache_model_id("openai", "gpt-4o-mini") == "gpt-4o-mini"

@@ -121,8 +121,10 @@ def test_model_card_and_ledger_cli(finished_run):
     assert "Teacher's terms: **Unknown terms**" in card and "intended use: **research**" in card
     out = subprocess.run([*STILLHOUSE, "ledger", "stats", str(recipe), "--json"], cwd=root, capture_output=True, text=True)
     st = json.loads(out.stdout)
-    assert st["calls"] == 12 and st["sessions"]["calls_made"] == 12
+    # 12 answers for training and 6 for the teacher's evaluation: every teacher call is in the ledger, once
+    assert {(p["stage"], p["calls"]) for p in st["by_stage_model"]} == {("generate", 12), ("evaluate", 6)}
+    assert st["sessions"]["calls_made"] == 18
     out = subprocess.run([*STILLHOUSE, "ledger", "export", str(run)], cwd=root, capture_output=True, text=True)
-    assert len(out.stdout.splitlines()) == 12 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
+    assert len(out.stdout.splitlines()) == 18 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
     out = subprocess.run([*STILLHOUSE, "ledger", "path", str(run)], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip().endswith("ledger.db")

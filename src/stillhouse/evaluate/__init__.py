@@ -50,7 +50,7 @@ def _sha(s: str) -> str:
 
 
 def score(spec: str, options: dict, items: list[dict], max_tokens: int, label: str) -> tuple[list[dict], float]:
-    """Greedy answers of one model to every item, each checked by exact match; returns (rows, seconds)."""
+    """Greedy answers of one local model to every item, each checked by exact match; returns (rows, seconds)."""
     backend = load_backend(spec, options)
     reqs = [Request(messages=({"role": "user", "content": it["prompt"]},), max_tokens=max_tokens) for it in items]
     out: list[dict | None] = [None] * len(items)
@@ -59,6 +59,32 @@ def score(spec: str, options: dict, items: list[dict], max_tokens: int, label: s
         for i, c in backend.generate(reqs, progress=advance):
             out[i] = {"output": c.text, "correct": exact_match(c.text, items[i]["answer"])}
     backend.close()
+    return out, time.time() - t0
+
+
+def score_teacher(recipe: Recipe, run: RunDir, items: list[dict], max_tokens: int) -> tuple[list[dict], float]:
+    """The teacher's answers, through the ledger like every teacher call: cached, costed, budgeted."""
+    from stillhouse.costs import Budget, price_for
+    from stillhouse.generate import call_through_ledger
+    from stillhouse.ledger import Ledger
+
+    t = recipe.teacher
+    price = price_for(t.spec.split(":", 1)[1], t.price.model_dump() if t.price else None)
+    reqs = [Request(messages=({"role": "user", "content": it["prompt"]},), max_tokens=max_tokens) for it in items]
+    ledger = Ledger(run.ledger)
+    t0 = time.time()
+    try:
+        budget = Budget(t.max_cost_usd, spent_usd=ledger.spent())
+        keys, calls, _, failures = call_through_ledger(t.spec, t.options, reqs, ledger, "evaluate", price, budget,
+                                                       "evaluate teacher")
+    finally:
+        ledger.close()
+    if failures or budget.refused:
+        why = f"{len(failures)} teacher calls failed (first: {failures[0]})" if failures else \
+            f"teacher.max_cost_usd=${t.max_cost_usd} would be exceeded"
+        raise StillhouseError(f"evaluate: {why}; answers so far are saved in {run.ledger}; re-run to continue")
+    out = [{"output": calls[k].completion.text, "correct": exact_match(calls[k].completion.text, it["answer"])}
+           for k, it in zip(keys, items)]
     return out, time.time() - t0
 
 
@@ -87,8 +113,10 @@ def evaluate(recipe: Recipe, run: RunDir, force: bool = False) -> dict:
     models = {"teacher": (recipe.teacher.spec, recipe.teacher.options),
               "base": (f"hf:{recipe.student.base}", {}), "student": (f"hf:{run.student}", {})}
     scored, seconds = {}, {}
+    scored["teacher"], seconds["teacher"] = score_teacher(recipe, run, items, mt)
     for name, (spec, opts) in models.items():
-        scored[name], seconds[name] = score(spec, opts, items, mt, name)
+        if name != "teacher":
+            scored[name], seconds[name] = score(spec, opts, items, mt, name)
     per_family = {name: accuracy_by_family(items, rows) for name, rows in scored.items()}
     overall = {name: sum(acc.values()) / len(acc) for name, acc in per_family.items()}  # macro mean over families
     teacher_params = None

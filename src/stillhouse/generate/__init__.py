@@ -69,6 +69,40 @@ def request_key(backend: str, model: str, req: Request) -> str:
                         "sample_index": req.sample_index})
 
 
+def cache_model_id(backend: str, model: str) -> str:
+    """The model's identity in cache keys. A local directory is named by its weights too, so a
+    model retrained in place never gets its predecessor's cached answers."""
+    if backend == "hf":
+        from stillhouse.models import resolve_model
+        from stillhouse.teachers.hf import _dir_fingerprint
+
+        src = Path(resolve_model(model))
+        if src.exists():
+            return f"{model}@{_dir_fingerprint(src)}"
+    return model
+
+
+def call_through_ledger(spec: str, options: dict, reqs: list[Request], ledger, stage: str, price, budget,
+                        label: str) -> tuple[list[str], dict, int, list[str]]:
+    """Answer `reqs` from the ledger where it can, else by calling the backend (each call committed
+    as it completes). Returns (keys, calls by key, calls made, failures)."""
+    from stillhouse.teachers import parse_spec
+
+    name, model = parse_spec(spec)
+    ident = cache_model_id(name, model)
+    keys = [request_key(name, ident, r) for r in reqs]
+    cached = ledger.get_many(keys)
+    seen: set[str] = set()  # a prompt listed twice is one call
+    missing = [i for i, k in enumerate(keys) if k not in cached and not (k in seen or seen.add(k))]
+    made, failures = 0, []
+    session = ledger.start_session(stage, model, len(reqs), len(cached))
+    if missing:
+        made, failures = _call_missing(spec, options, stage, label, ledger, reqs, keys, missing, price, budget,
+                                       len(cached))
+    ledger.end_session(session, made, len(failures), budget.refused)
+    return keys, ledger.get_many(keys), made, failures
+
+
 def check_terms(recipe: Recipe) -> None:
     """Stop with a clear message when the declared use conflicts with the teacher's terms."""
     from stillhouse.terms import check_use
@@ -102,42 +136,42 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
     g = recipe.generation
     reqs = [Request(messages=tuple(m), max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                     sample_index=k) for m in prompts for k in range(g.samples_per_prompt)]
-    keys = [request_key(backend_name, model, r) for r in reqs]
     price = price_for(model, recipe.teacher.price.model_dump() if recipe.teacher.price else None)
-    worst = [price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in reqs]
     ledger = Ledger(run.ledger)
     try:
-        cached = ledger.get_many(keys)
-        missing = [i for i, k in enumerate(keys) if k not in cached]
         if dry_run:
+            ident = cache_model_id(backend_name, model)
+            cached = ledger.get_many([request_key(backend_name, ident, r) for r in reqs])
+            missing = [r for r in reqs if request_key(backend_name, ident, r) not in cached]
+            worst = sum(price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in missing)
             console.print(f"generate --dry-run: {len(reqs)} samples, {len(cached)} already in the ledger, "
                           f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost "
-                          f"${sum(worst[i] for i in missing):.4f} (every answer at max_tokens={g.max_tokens}; "
+                          f"${worst:.4f} (every answer at max_tokens={g.max_tokens}; "
                           f"price ${price.input_per_million}/${price.output_per_million} per M tokens in/out)")
             return None
         started = run.begin("generate")
-        session = ledger.start_session("generate", model, len(reqs), len(cached))
-        budget = Budget(recipe.teacher.max_cost_usd, spent_usd=ledger.spent("generate"))
+        budget = Budget(recipe.teacher.max_cost_usd, spent_usd=ledger.spent())
         t_calls = time.time()
-        made, failures = _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget, len(cached))
+        keys, calls, made, failures = call_through_ledger(recipe.teacher.spec, recipe.teacher.options, reqs, ledger,
+                                                          "generate", price, budget, "generate")
         t_calls = time.time() - t_calls
-        ledger.end_session(session, made, len(failures), budget.refused)
+        n_cached = len(calls) - made
         if failures:
-            raise StillhouseError(f"generate: {len(failures)} of {len(missing)} teacher calls failed after retries "
+            raise StillhouseError(f"generate: {len(failures)} teacher calls failed after retries "
                                   f"(first: {failures[0]}); the {made} that succeeded are saved in {run.ledger}; "
                                   "re-run to retry only the failed ones")
         if budget.refused:
             raise StillhouseError(f"generate: stopped before exceeding teacher.max_cost_usd=${budget.cap:.4f} (spent "
-                                  f"${budget.spent:.4f}; {len(cached) + made} of {len(reqs)} samples done, all saved "
+                                  f"${budget.spent:.4f}; {len(calls)} of {len(reqs)} samples done, all saved "
                                   f"in {run.ledger}); raise the cap and re-run to continue")
-        rows = _rows(recipe, reqs, keys, ledger.get_many(keys), backend_name)
+        rows = _rows(recipe, reqs, keys, calls, backend_name)
     finally:
         ledger.close()
     run.generated.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.generated.with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(run.generated)
-    counts = {"samples": len(rows), "prompts": len(prompts), "cache_hits": len(cached), "calls_made": made,
+    counts = {"samples": len(rows), "prompts": len(prompts), "cache_hits": n_cached, "calls_made": made,
               "call_seconds": round(t_calls, 3), "calls_per_second": round(made / t_calls, 2) if made else None,
               "truncated": sum(r["finish_reason"] == "length" for r in rows),
               "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
@@ -146,13 +180,16 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
     return run.finish("generate", started, inputs, config, {"generated": run.generated}, counts)
 
 
-def _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget, n_cached) -> tuple[int, list[str]]:
+def _call_missing(spec, options, stage, label, ledger, reqs, keys, missing, price, budget, n_cached) -> tuple[int, list[str]]:
     """Make the missing calls, committing each to the ledger the moment it completes."""
-    backend = load_backend(recipe.teacher.spec, recipe.teacher.options)
+    from stillhouse.costs import estimate_prompt_tokens
+
+    backend = load_backend(spec, options)
     sub = [reqs[i] for i in missing]
+    worst = {i: price.cost(estimate_prompt_tokens(reqs[i].messages), reqs[i].max_tokens) for i in missing}
     made, failures, tokens, t0 = 0, [], 0, time.time()
     try:
-        with progress_bar("generate", len(reqs)) as advance:
+        with progress_bar(label, len(reqs)) as advance:
             advance(n_cached, cached=n_cached)
             for j, result in backend.generate(sub, admit=lambda j: budget.admit(worst[missing[j]])):
                 i = missing[j]
@@ -162,7 +199,7 @@ def _call_missing(recipe, run, ledger, reqs, keys, missing, worst, price, budget
                     advance(0, failed=len(failures))
                     continue
                 cost = price.cost(result.prompt_tokens, result.completion_tokens)
-                ledger.record(keys[i], stage="generate", backend=backend.name, endpoint=getattr(backend, "endpoint", None),
+                ledger.record(keys[i], stage=stage, backend=backend.name, endpoint=getattr(backend, "endpoint", None),
                               model=backend.model, request={"messages": list(reqs[i].messages), **reqs[i].params(),
                                                             "sample_index": reqs[i].sample_index},
                               completion=result, latency_s=result.extra.get("latency_s"), cost_usd=cost,
