@@ -86,6 +86,25 @@ _stage_command("evaluate", "Score teacher, base and student on the held-out benc
 _stage_command("report", "Write report.html from the run directory.")
 
 
+@app.command("serve")
+def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory (a student, Atlas, any causal LM) "
+                                                  "or stillhouse:NAME", show_default=False),
+              host: str = typer.Option("127.0.0.1", help="address to bind"),
+              port: int = typer.Option(8000, help="port to bind"),
+              model_name: str = typer.Option(None, help="the model id clients ask for (default: the directory name)"),
+              api_key_env: str = typer.Option(None, help="require `Authorization: Bearer $VAR` from clients"),
+              max_batch: int = typer.Option(64, help="most requests batched into one generate"),
+              window_ms: float = typer.Option(10.0, help="how long to gather requests into a batch"),
+              device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
+    """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    from stillhouse.serve import serve
+    from stillhouse.ui import console
+
+    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
+    serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
+          window_ms=window_ms, device=device)
+
+
 ledger_app = typer.Typer(help="The SQLite ledger of teacher and judge calls.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 TargetArg = typer.Argument(..., help="a recipe file or a run directory", show_default=False)

@@ -1,0 +1,63 @@
+"""Serve any local causal LM over an OpenAI-compatible API (FastAPI + uvicorn), with dynamic batching."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from stillhouse.errors import StillhouseError
+
+
+def build(model_dir: str, model_name: str | None = None, api_key_env: str | None = None, **engine_kw):
+    """The engine and the FastAPI app for `model_dir`."""
+    from pathlib import Path
+
+    from stillhouse.serve.app import create_app
+    from stillhouse.serve.engine import Engine
+
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise StillhouseError(f"--api-key-env: environment variable {api_key_env} is not set")
+    engine = Engine(model_dir, **engine_kw)
+    name = model_name or Path(model_dir.split(":", 1)[-1]).name
+    return engine, create_app(engine, name, api_key=key)
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn lets requests in flight finish before it exits."""
+    import uvicorn
+
+    engine, app = build(model_dir, **kw)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        engine.close()
+
+
+@contextmanager
+def running(model_dir: str, **kw) -> Iterator[str]:
+    """Serve in a background thread on a free 127.0.0.1 port; yields the /v1 base URL; always stops it."""
+    import uvicorn
+
+    engine, app = build(model_dir, **kw)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise StillhouseError("the server failed to start")
+            threading.Event().wait(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        engine.close()

@@ -1,0 +1,221 @@
+"""An OpenAI-compatible HTTP API over any local causal LM: FastAPI routes over the batching Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stillhouse.serve.engine import Engine, GenRequest, GenResult
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 code: str | None = None):
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+
+def _error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app serving `engine` as model `model_name`; requests need `Bearer api_key` when one is set."""
+    app = FastAPI(title="stillhouse serve", docs_url=None, redoc_url=None)
+    tok = engine.tokenizer
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return _error(e.status, e.message, e.param, e.type, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        if err.get("type") == "json_invalid":
+            return _error(400, "request body is not valid JSON", None, code="invalid_json")
+        return _error(400, f"{loc or 'body'}: {err.get('msg')}", loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}", type_="server_error")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > max_body_bytes:
+            return _error(413, f"request body is larger than {max_body_bytes} bytes")
+        return await call_next(request)
+
+    async def auth(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or invalid API key", type_="authentication_error", code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           code="model_not_found")
+
+    def budget(prompt_len: int, max_tokens: int | None, default: int) -> int:
+        room = engine.context - prompt_len
+        if room <= 0:
+            raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {engine.context}", "messages")
+        if max_tokens is None:
+            return min(default, room)
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the context "
+                                f"of {engine.context}", "max_tokens")
+        return max_tokens
+
+    async def run(reqs: list[GenRequest]) -> list[GenResult]:
+        return list(await asyncio.gather(*(asyncio.wrap_future(engine.submit(r)) for r in reqs)))
+
+    def stops(stop) -> list[str]:
+        return [stop] if isinstance(stop, str) else list(stop or [])
+
+    def chat_logprobs(res: GenResult) -> dict:
+        return {"content": [{"token": tok.decode([x["id"]]), "logprob": x["logprob"], "bytes": None,
+                             "top_logprobs": [{"token": tok.decode([i]), "logprob": v, "bytes": None} for i, v in x["top"]]}
+                            for x in res.logprobs or []]} if res.logprobs is not None else None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "batches_run": engine.batches_run,
+                "largest_batch": engine.largest_batch}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "stillhouse"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat(body: ChatRequest):
+        check_model(body.model)
+        prompt = tok.apply_chat_template([m.model_dump(include={"role", "content"}) for m in body.messages],
+                                         tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        mt = budget(len(ids), body.max_completion_tokens or body.max_tokens, 512)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = [GenRequest(ids, mt, body.temperature, body.top_p, None if body.seed is None else body.seed + k,
+                           stops(body.stop), top) for k in range(body.n)]
+        results = await run(reqs)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.token_ids) for r in results),
+                 "total_tokens": len(ids) + sum(len(r.token_ids) for r in results)}
+        if body.stream:
+            return StreamingResponse(_chat_stream(cid, created, model_name, results, usage, tok),
+                                     media_type="text/event-stream")
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                "system_fingerprint": engine.fingerprint,
+                "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": chat_logprobs(r), "finish_reason": r.finish_reason}
+                            for k, r in enumerate(results)],
+                "usage": usage}
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        choices, pt, ct = [], 0, 0
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            pt += len(ids)
+            mt = budget(len(ids), body.max_tokens, 16)
+            results = [GenResult("", [], "length", [] if body.logprobs is not None else None)] * body.n if mt == 0 else \
+                await run([GenRequest(ids, mt, body.temperature, body.top_p,
+                                      None if body.seed is None else body.seed + k, stops(body.stop), body.logprobs)
+                           for k in range(body.n)])
+            echo_lp = engine.prompt_logprobs(ids, body.logprobs or 0) if body.echo and body.logprobs is not None else None
+            for r in results:
+                ct += len(r.token_ids)
+                text = (p if body.echo else "") + r.text
+                lp = None
+                if body.logprobs is not None:
+                    items = (echo_lp or []) + (r.logprobs or [])
+                    toks = [tok.decode([x["id"]]) for x in items]
+                    offs, pos = [], 0
+                    for t in toks:
+                        offs.append(pos)
+                        pos += len(t)
+                    lp = {"tokens": toks, "token_logprobs": [x["logprob"] for x in items],
+                          "top_logprobs": [({tok.decode([i]): v for i, v in x["top"]} if x["top"] else None) for x in items],
+                          "text_offset": offs}
+                choices.append({"index": len(choices), "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "system_fingerprint": engine.fingerprint, "choices": choices,
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}
+
+    return app
+
+
+async def _chat_stream(cid: str, created: int, model: str, results: list[GenResult], usage: dict, tok):
+    """Server-sent events in OpenAI's chunk format: the role, then one chunk per token, then the finish."""
+    def chunk(index: int, delta: dict, finish: str | None) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                      "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+    for k, r in enumerate(results):
+        yield chunk(k, {"role": "assistant", "content": ""}, None)
+        prev = ""
+        for n in range(1, len(r.token_ids) + 1):
+            text = tok.decode(r.token_ids[:n], skip_special_tokens=True)
+            if text != prev:
+                yield chunk(k, {"content": text[len(prev):]}, None)
+                prev = text
+        yield chunk(k, {}, r.finish_reason)
+        await asyncio.sleep(0)
+    yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                 "choices": [], "usage": usage}) + "\n\n"
+    yield "data: [DONE]\n\n"

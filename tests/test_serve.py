@@ -1,0 +1,125 @@
+"""`stillhouse serve` against real clients: the official openai client (sync, async, streaming) and our backend."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from stillhouse.serve import running
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    with running(str(tiny_models["teacher"]), model_name="tiny", api_key_env=None, window_ms=20) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+
+
+MSG = [{"role": "user", "content": "Who are you?"}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(server.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_chat_parses_into_the_clients_types_with_usage(client, tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0, n=2)
+    assert len(r.choices) == 2 and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == r.choices[1].message.content  # greedy
+    prompt = tok.apply_chat_template(MSG, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    # generated tokens are counted, special ones included (they are skipped in the text)
+    if all(c.finish_reason == "length" for c in r.choices):
+        assert r.usage.completion_tokens == 2 * 8
+    else:
+        assert 0 <= r.usage.completion_tokens < 2 * 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and len(lp[0].top_logprobs) == 3
+    assert lp[0].logprob == pytest.approx(lp[0].top_logprobs[0].logprob, abs=1e-4)
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    a = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, seed=5)
+    b = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, seed=5)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_streaming_reassembles_to_the_full_answer(client):
+    full = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=10, temperature=0)
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(model="tiny", messages=MSG, max_tokens=10, temperature=0, stream=True)
+             if c.choices]
+    assert "".join(parts) == full.choices[0].message.content and len(parts) > 2
+
+
+def test_async_client_concurrent_requests_are_batched(server):
+    async def go():
+        c = openai.AsyncOpenAI(base_url=server, api_key="unused", max_retries=0)
+        rs = await asyncio.gather(*(c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"What is {i} + 1?"}], max_tokens=4, temperature=0)
+            for i in range(12)))
+        await c.close()
+        return rs
+    rs = asyncio.run(go())
+    assert len(rs) == 12 and all(r.choices[0].message.content is not None for r in rs)
+    assert httpx.get(server.removesuffix("/v1") + "/health").json()["largest_batch"] > 1
+
+
+def test_completions_echo_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="The capital of", max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "The capital of"
+    assert len(lp.tokens) == len("The capital of") and lp.token_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:])
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400),
+    (json.dumps({"model": "nope", "messages": MSG}).encode(), 404),
+    (json.dumps({"model": "tiny"}).encode(), 400),
+    (json.dumps({"model": "tiny", "messages": []}).encode(), 400),
+    (json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 100000}).encode(), 400),
+    (json.dumps({"model": "tiny", "messages": MSG, "temperature": "hot"}).encode(), 400),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), 413),
+])
+def test_bad_requests_get_openai_shaped_4xx_and_the_server_stays_up(server, body, status):
+    r = httpx.post(server + "/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_stillhouse_openai_backend_against_the_server(server):
+    from stillhouse.teachers import Request, load_backend
+
+    b = load_backend("openai:tiny", {"base_url": server, "api_key_required": False, "concurrency": 4})
+    reqs = [Request(messages=({"role": "user", "content": f"What is {i} + 2?"},), max_tokens=6) for i in range(8)]
+    got = dict(b.generate(reqs))
+    assert sorted(got) == list(range(8)) and all(not isinstance(c, Exception) for c in got.values())
+    assert got[0].model == "tiny" and got[0].prompt_tokens > 0
+
+
+def test_bearer_key_auth(tiny_models, monkeypatch):
+    monkeypatch.setenv("SERVE_TEST_KEY", "k-123")
+    with running(str(tiny_models["teacher"]), model_name="tiny", api_key_env="SERVE_TEST_KEY") as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=url, api_key="k-123").models.list()] == ["tiny"]
