@@ -123,3 +123,72 @@ def test_bearer_key_auth(tiny_models, monkeypatch):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in openai.OpenAI(base_url=url, api_key="k-123").models.list()] == ["tiny"]
+
+
+def test_served_watermark_is_detectable(tiny_models, tmp_path):
+    import statistics
+
+    from stillhouse.watermark import keygen, z_scores
+
+    key = tmp_path / "wm.json"
+    keygen(key, bias=4.0)
+    model = str(tiny_models["teacher"])
+    with running(model, model_name="tiny", watermark=str(key)) as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        texts = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Tell me about {i}."}],
+                                           max_tokens=60, temperature=1.0, seed=i).choices[0].message.content
+                 for i in range(5)]
+    assert statistics.mean(z_scores(model, texts, key)) > 4
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_models, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from tests.conftest import STILLHOUSE
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([*STILLHOUSE, "serve", str(tiny_models["teacher"]), "--port", str(port), "--model-name", "tiny",
+                             "--window-ms", "1500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result = {}
+
+        def call():
+            result["r"] = httpx.post(url + "/v1/chat/completions", timeout=30,
+                                     json={"model": "tiny", "messages": MSG, "max_tokens": 4, "temperature": 0})
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)  # the request now waits in the batching window
+        os.kill(proc.pid, signal.SIGTERM)
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["role"] == "assistant"
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_chat_cli_streams_a_reply_from_a_local_model(tiny_models):
+    import subprocess
+
+    from tests.conftest import STILLHOUSE
+
+    out = subprocess.run([*STILLHOUSE, "chat", str(tiny_models["teacher"]), "--max-tokens", "6", "--temperature", "0"],
+                         input="Who are you?\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert "chatting with teacher" in out.stdout and "assistant> " in out.stdout

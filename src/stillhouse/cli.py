@@ -95,14 +95,78 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               api_key_env: str = typer.Option(None, help="require `Authorization: Bearer $VAR` from clients"),
               max_batch: int = typer.Option(64, help="most requests batched into one generate"),
               window_ms: float = typer.Option(10.0, help="how long to gather requests into a batch"),
-              device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
+              device: str = typer.Option("auto", help="cpu, cuda or auto"),
+              watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`")) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from stillhouse.serve import serve
     from stillhouse.ui import console
 
     console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
     serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
-          window_ms=window_ms, device=device)
+          window_ms=window_ms, device=device, watermark=str(watermark) if watermark else None)
+
+
+@app.command("chat")
+def chat_cmd(target: str = typer.Argument(..., help="a local model directory, or the /v1 URL of an OpenAI-compatible "
+                                                    "server", show_default=False),
+             model: str = typer.Option(None, help="model id at the server (default: its first)"),
+             api_key_env: str = typer.Option(None, help="environment variable holding the server's key"),
+             max_tokens: int = typer.Option(256), temperature: float = typer.Option(0.7)) -> None:
+    """Chat with a model in the terminal, tokens streamed as they arrive; Ctrl-D or /exit ends it."""
+    import contextlib
+
+    import openai
+
+    from stillhouse.serve import running
+
+    with contextlib.ExitStack() as stack:
+        url = target if target.startswith(("http://", "https://")) else stack.enter_context(
+            running(target, model_name=Path(target).name))
+        key = os.environ.get(api_key_env, "") if api_key_env else "none"
+        client = openai.OpenAI(base_url=url, api_key=key or "none", max_retries=2)
+        try:
+            name = model or client.models.list().data[0].id
+        except openai.OpenAIError as e:
+            raise StillhouseError(f"cannot reach a model at {url}: {type(e).__name__}") from None
+        history: list[dict] = []
+        print(f"chatting with {name} at {url}; Ctrl-D or /exit to end", flush=True)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            reply = []
+            for chunk in client.chat.completions.create(model=name, messages=history, stream=True,
+                                                        max_tokens=max_tokens, temperature=temperature):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    reply.append(chunk.choices[0].delta.content)
+                    print(reply[-1], end="", flush=True)
+            print(flush=True)
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+
+watermark_app = typer.Typer(help="Watermark keys, as a provider who wants to recognise its outputs runs them.",
+                            no_args_is_help=True)
+app.add_typer(watermark_app, name="watermark")
+
+
+@watermark_app.command("keygen")
+def watermark_keygen(out: Path = typer.Argument(..., help="key file to write (never overwritten)", show_default=False),
+                     greenlist_ratio: float = typer.Option(0.25), bias: float = typer.Option(2.0),
+                     seeding_scheme: str = typer.Option("lefthash"), context_width: int = typer.Option(1)) -> None:
+    """Write a new watermark key file: a secret hashing key and the full scheme."""
+    from stillhouse.ui import console
+    from stillhouse.watermark import keygen
+
+    keygen(out, greenlist_ratio=greenlist_ratio, bias=bias, seeding_scheme=seeding_scheme, context_width=context_width)
+    console.print(f"wrote {out} (keep it secret: whoever holds it can detect and imitate the watermark)")
 
 
 ledger_app = typer.Typer(help="The SQLite ledger of teacher and judge calls.", no_args_is_help=True)

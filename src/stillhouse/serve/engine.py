@@ -42,7 +42,7 @@ class Engine:
     """Owns the model; `submit()` is thread-safe and returns a Future of a GenResult."""
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", watermark: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from stillhouse.models import resolve_model
@@ -61,6 +61,12 @@ class Engine:
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
         self.model.to(self.device).eval()
+        if watermark:
+            from stillhouse.watermark import load_config
+
+            self.watermark = load_config(watermark)
+        else:
+            self.watermark = None
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch, self.window = max_batch, window_ms / 1000
         self.queue: queue.Queue[GenRequest | None] = queue.Queue()
@@ -146,6 +152,8 @@ class Engine:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
         else:
             kwargs.update(do_sample=False)
+        if self.watermark is not None:
+            kwargs["watermarking_config"] = self.watermark
         want_lp = any(r.top_logprobs is not None for r in batch)
         if want_lp:
             kwargs.update(output_logits=True, return_dict_in_generate=True)

@@ -46,6 +46,11 @@ class HFBackend:
         self.lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(self.device).eval()
         self.model_id = model
         self.top_logprobs = int(options.get("top_logprobs", 0))  # >0: keep the k most likely tokens per step
+        self.watermark = None
+        if options.get("watermark"):  # a key file from `stillhouse watermark keygen`
+            from stillhouse.watermark import load_config
+
+            self.watermark = load_config(options["watermark"])
         self.fingerprint = _dir_fingerprint(path) if path.exists() else None
 
     def count_tokens(self, text: str) -> int:
@@ -85,6 +90,8 @@ class HFBackend:
                     kwargs.update(do_sample=False)
                 if self.top_logprobs:
                     kwargs.update(output_logits=True, return_dict_in_generate=True)
+                if self.watermark is not None:
+                    kwargs["watermarking_config"] = self.watermark
                 out = self.lm.generate(**enc, **kwargs)
                 seqs = out.sequences if self.top_logprobs else out
                 new = seqs[:, enc["input_ids"].shape[1]:]
