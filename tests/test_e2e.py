@@ -128,3 +128,19 @@ def test_model_card_and_ledger_cli(finished_run):
     assert len(out.stdout.splitlines()) == 18 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
     out = subprocess.run([*STILLHOUSE, "ledger", "path", str(run)], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip().endswith("ledger.db")
+
+
+def test_served_teacher_path_through_a_real_server(tiny_models, tmp_path):
+    """The demo's --served path in miniature: a teacher behind `stillhouse serve` (own process), generate over HTTP."""
+    from stillhouse.generate import generate
+    from stillhouse.pipeline import open_run
+    from stillhouse.recipe import parse_recipe
+    from stillhouse.serve import subprocess_server
+
+    with subprocess_server(str(tiny_models["teacher"]), "--model-name", "t") as url:
+        r = parse_recipe(f"name: s\nrun_dir: {tmp_path / 'run'}\nteacher:\n  spec: openai:t\n  options: {{base_url: {url}, "
+                         f"api_key_required: false}}\nprompts: {{n: 6}}\ngeneration: {{max_tokens: 5}}\nstudent: {{base: x}}\n")
+        m = generate(r, open_run(r))
+    assert m["counts"]["calls_made"] == 6
+    rows = pq.read_table(tmp_path / "run" / "data" / "generated.parquet").to_pylist()
+    assert {x["reported_model"] for x in rows} == {"t"} and rows[0]["system_fingerprint"].startswith("fp_")

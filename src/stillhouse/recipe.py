@@ -30,6 +30,8 @@ class TeacherSpec(_Strict):
     price: PriceSpec | None = Field(None, description="USD per million tokens; default: the built-in table, else 0")
     max_cost_usd: float | None = Field(None, gt=0, description="stop generating before teacher spend would pass this")
     terms: str = Field("unknown", description="the teacher's terms of use, an id from stillhouse.terms.REGISTRY")
+    parameters: int | None = Field(None, ge=1, description="the teacher's size, for reports, when it cannot be read "
+                                                          "from a local checkpoint (an API teacher)")
 
     @field_validator("terms")
     @classmethod

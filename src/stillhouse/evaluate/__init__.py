@@ -119,7 +119,7 @@ def evaluate(recipe: Recipe, run: RunDir, force: bool = False) -> dict:
             scored[name], seconds[name] = score(spec, opts, items, mt, name)
     per_family = {name: accuracy_by_family(items, rows) for name, rows in scored.items()}
     overall = {name: sum(acc.values()) / len(acc) for name, acc in per_family.items()}  # macro mean over families
-    teacher_params = None
+    teacher_params = recipe.teacher.parameters
     if recipe.teacher.spec.startswith("hf:"):
         teacher_params = count_parameters(resolve_model(recipe.teacher.spec.split(":", 1)[1]))
     results = {

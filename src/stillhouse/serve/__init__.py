@@ -61,3 +61,48 @@ def running(model_dir: str, **kw) -> Iterator[str]:
         thread.join(timeout=30)
         sock.close()
         engine.close()
+
+
+@contextmanager
+def subprocess_server(model_dir: str, *args: str, startup_timeout: float = 180) -> Iterator[str]:
+    """`stillhouse serve` in its own process on a free 127.0.0.1 port, as a provider's server would be.
+
+    Yields the /v1 base URL once /health answers; on exit (normal, error or Ctrl-C) sends
+    SIGTERM, waits for it to drain, and kills it if it does not stop.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "serve", model_dir, "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                err = (proc.stderr.read() or "").strip().splitlines()
+                raise StillhouseError(f"the server for {model_dir} exited at start-up: {err[-1] if err else proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise StillhouseError(f"the server for {model_dir} did not start within {startup_timeout:.0f} s")
+            time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
