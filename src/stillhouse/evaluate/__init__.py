@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 from stillhouse.errors import StillhouseError
 from stillhouse.recipe import EvaluateSpec, Recipe

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 
 @dataclass(frozen=True)
@@ -108,17 +108,6 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
         head, _, rest = text.partition("</think>")
         return head[len("<think>"):], rest.lstrip("\n")
     return None, text
-
-
-def batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for x in items:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @register("hf")

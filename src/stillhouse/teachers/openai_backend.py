@@ -41,8 +41,6 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, options: dict):
-        from openai import AsyncOpenAI  # noqa: F401  (fail early if the client is missing)
-
         self.model = model
         urls = options.get("base_url") or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.base_urls = [urls] if isinstance(urls, str) else list(urls)

@@ -111,7 +111,6 @@ def train(recipe, run, force: bool = False) -> dict:
     import pyarrow.parquet as pq
 
     from stillhouse.models import count_parameters, resolve_model
-    from stillhouse.rundir import hash_path
     from stillhouse.ui import console, progress_bar
 
     gen = run.require("generate", "train")
