@@ -127,17 +127,14 @@ def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: C
 
 
 def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, device: str | None = None) -> dict[str, float]:
-    """Greedy held-out accuracy per family, through the same `hf` backend the pipeline uses."""
-    from stillhouse.teachers import Request, load_backend
-    from stillhouse.verify import exact_match
+    """Greedy held-out accuracy per family, scored by the evaluate stage's own code."""
+    from stillhouse.evaluate import accuracy_by_family, score
 
-    tasks = world.sample_tasks(per_family * len(world.FAMILIES), "heldout", seed)
-    backend = load_backend(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256})
-    reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=96) for t in tasks]
-    right: dict[str, list[int]] = {f: [] for f in world.FAMILIES}
-    for i, c in backend.generate(reqs):
-        right[tasks[i].family].append(exact_match(c.text, tasks[i].answer))
-    return {f: sum(v) / len(v) for f, v in right.items() if v}
+    items = [{"family": t.family, "prompt": t.prompt, "answer": t.answer}
+             for t in world.sample_tasks(per_family * len(world.FAMILIES), "heldout", seed)]
+    rows, _ = score(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256}, items, 96, "held-out")
+    acc = accuracy_by_family(items, rows)
+    return {f: acc[f] for f in world.FAMILIES if f in acc}
 
 
 def build(kind: str, out_dir: str | Path, cfg: BuildConfig | None = None, device: str | None = None,

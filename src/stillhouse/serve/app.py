@@ -35,35 +35,30 @@ class Message(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
+class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
     model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    stream: bool = False
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
