@@ -137,8 +137,9 @@ def test_served_watermark_is_detectable(tiny_models, tmp_path):
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         texts = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Tell me about {i}."}],
                                            max_tokens=60, temperature=1.0, seed=i).choices[0].message.content
-                 for i in range(5)]
-    assert statistics.mean(z_scores(model, texts, key)) > 4
+                 for i in range(8)]
+    z = [x for x in z_scores(model, texts, key) if x == x]  # NaN: a text too short to score
+    assert len(z) >= 4 and statistics.mean(z) > 4, z
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tiny_models, tmp_path):

@@ -9,7 +9,13 @@ from stillhouse.watermark import keygen, load_config, z_scores
 from tests.conftest import STILLHOUSE
 
 
-def _texts(model, opts, n=6):
+def _z(model, texts, key):
+    z = [x for x in z_scores(model, texts, key) if x == x]  # NaN: a text too short to score
+    assert len(z) >= 4, z
+    return statistics.mean(z)
+
+
+def _texts(model, opts, n=8):
     b = load_backend(f"hf:{model}", opts)
     reqs = [Request(messages=({"role": "user", "content": f"Tell me about {i}."},), max_tokens=60, temperature=1.0,
                     seed=i) for i in range(n)]
@@ -20,12 +26,12 @@ def test_watermarked_output_scores_high_and_plain_output_does_not(tiny_models, t
     key = tmp_path / "wm.json"
     keygen(key, bias=4.0)
     model = str(tiny_models["teacher"])
-    marked = z_scores(model, _texts(model, {"watermark": str(key)}), key)
-    plain = z_scores(model, _texts(model, {}), key)
-    assert statistics.mean(marked) > 4 and statistics.mean(plain) < 2, (marked, plain)
+    marked = _z(model, _texts(model, {"watermark": str(key)}), key)
+    plain = _z(model, _texts(model, {}), key)
+    assert marked > 4 and plain < 2, (marked, plain)
     other = tmp_path / "other.json"
     keygen(other, bias=4.0)
-    assert statistics.mean(z_scores(model, _texts(model, {"watermark": str(key)}), other)) < 2  # the key matters
+    assert _z(model, _texts(model, {"watermark": str(key)}), other) < 2  # the key matters
 
 
 def test_keygen_refuses_to_overwrite_and_bad_files_are_clear(tmp_path):
@@ -39,3 +45,10 @@ def test_keygen_refuses_to_overwrite_and_bad_files_are_clear(tmp_path):
         load_config(tmp_path / "bad.json")
     out = subprocess.run([*STILLHOUSE, "watermark", "keygen", str(key)], capture_output=True, text=True)
     assert out.returncode == 2 and "never overwritten" in out.stderr
+
+
+def test_too_short_text_scores_nan(tiny_models, tmp_path):
+    key = tmp_path / "k.json"
+    keygen(key)
+    z = z_scores(str(tiny_models["teacher"]), ["a", "", "abcdefghij"], key)
+    assert z[0] != z[0] and z[1] != z[1] and z[2] == z[2]

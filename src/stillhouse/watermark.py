@@ -55,7 +55,10 @@ def load_config(path: str | Path):
 
 
 def z_scores(model_dir: str, texts: list[str], keyfile: str | Path) -> list[float]:
-    """The detector's z-score of each text (tokenized with the model's tokenizer); high means watermarked."""
+    """The detector's z-score of each text (tokenized with the model's tokenizer); high means watermarked.
+
+    A text too short to score (no token after the seeding context) gets NaN.
+    """
     import torch
     from transformers import AutoConfig, AutoTokenizer, WatermarkDetector
 
@@ -66,9 +69,13 @@ def z_scores(model_dir: str, texts: list[str], keyfile: str | Path) -> list[floa
     cfg = AutoConfig.from_pretrained(src)
     if cfg.bos_token_id is None:  # the detector needs some id to tell padding from text; pad serves
         cfg.bos_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    det = WatermarkDetector(model_config=cfg, device="cpu", watermarking_config=load_config(keyfile))
+    wm = load_config(keyfile)
+    det = WatermarkDetector(model_config=cfg, device="cpu", watermarking_config=wm)
     out = []
     for t in texts:
         ids = tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[-1] <= wm.context_width or ids[0, 0] == cfg.bos_token_id and ids.shape[-1] <= wm.context_width + 1:
+            out.append(float("nan"))
+            continue
         out.append(float(det(ids.to(torch.long), return_dict=True).z_score[0]))
     return out
