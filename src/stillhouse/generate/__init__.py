@@ -141,8 +141,9 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
     try:
         if dry_run:
             ident = cache_model_id(backend_name, model)
-            cached = ledger.get_many([request_key(backend_name, ident, r) for r in reqs])
-            missing = [r for r in reqs if request_key(backend_name, ident, r) not in cached]
+            keys = [request_key(backend_name, ident, r) for r in reqs]
+            cached = ledger.get_many(keys)
+            missing = [r for r, k in zip(reqs, keys) if k not in cached]
             worst = sum(price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in missing)
             console.print(f"generate --dry-run: {len(reqs)} samples, {len(cached)} already in the ledger, "
                           f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost "

@@ -61,7 +61,6 @@ class OpenAIBackend:
         self.top_logprobs = options.get("top_logprobs")
         self.extra_body = dict(options.get("extra_body", {}))
         self.endpoint = ",".join(urlparse(u).netloc for u in self.base_urls)  # hosts only: never a key
-        self.stats = {"attempts": 0, "retries": 0, "failed": 0}
 
     # -- one call ---------------------------------------------------------------------------
     def _body(self, req: Request) -> dict:
@@ -127,7 +126,6 @@ class OpenAIBackend:
             t0 = time.perf_counter()
             exc: Exception | None = None
             try:
-                self.stats["attempts"] += 1
                 raw = await clients[k].chat.completions.with_raw_response.create(
                     **self._body(req), extra_body=self.extra_body or None)
                 completion = self._parse(raw.content)
@@ -145,7 +143,6 @@ class OpenAIBackend:
                 exc, last = None, f"malformed response ({type(e).__name__})"
             finally:
                 inflight[k] -= 1
-            self.stats["retries"] += 1
             await asyncio.sleep(self._delay(attempt, exc))
         raise CallFailed(index, f"gave up after {self.max_attempts} attempts; last error: {last}", self.max_attempts)
 
@@ -179,7 +176,6 @@ class OpenAIBackend:
                     try:
                         out.put((i, await self._call(clients, inflight, i, requests[i])))
                     except CallFailed as e:
-                        self.stats["failed"] += 1
                         out.put((i, e))
 
             try:
