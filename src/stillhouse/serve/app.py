@@ -6,12 +6,12 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stillhouse.serve.engine import Engine, GenRequest, GenResult
@@ -54,11 +54,27 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+# A token id in a prompt: strict, so that JSON `true` or `1.0` is a 400 rather than silently token 1.
+TokenId = Annotated[int, Strict()]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # OpenAI's four prompt shapes: a string, a batch of strings, one token-id list, a batch of token-id lists.
+    # lm-evaluation-harness's `local-completions` sends token ids by default.
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, v, handler):
+        # One message for a prompt of none of the four shapes, not the first of the union's per-member errors.
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError("must be a string, a list of strings, a list of token ids (integers) "
+                             "or a list of token-id lists") from None
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -102,10 +118,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
                            code="model_not_found")
 
-    def budget(prompt_len: int, max_tokens: int | None, default: int) -> int:
+    def budget(prompt_len: int, max_tokens: int | None, default: int, param: str = "messages") -> int:
         room = engine.context - prompt_len
         if room <= 0:
-            raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {engine.context}", "messages")
+            raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {engine.context}", param)
         if max_tokens is None:
             return min(default, room)
         if max_tokens > room:
@@ -143,13 +159,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         top = (body.top_logprobs or 0) if body.logprobs else None
         reqs = [GenRequest(ids, mt, body.temperature, body.top_p, None if body.seed is None else body.seed + k,
                            stops(body.stop), top) for k in range(body.n)]
-        results = await run(reqs)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            # Text goes out as the engine samples it: the engine thread hands each piece (and each
+            # finished request) to this event loop through a queue.
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            futures = []
+            for k, r in enumerate(reqs):
+                r.on_text = lambda piece, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, piece))
+                futures.append(engine.submit(r))
+                futures[-1].add_done_callback(lambda f, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, f)))
+            return StreamingResponse(_chat_stream(cid, created, model_name, events, futures, len(ids), chat_logprobs),
+                                     media_type="text/event-stream")
+        results = await run(reqs)
         usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.token_ids) for r in results),
                  "total_tokens": len(ids) + sum(len(r.token_ids) for r in results)}
-        if body.stream:
-            return StreamingResponse(_chat_stream(cid, created, model_name, results, usage, tok),
-                                     media_type="text/event-stream")
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "system_fingerprint": engine.fingerprint,
                 "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
@@ -160,19 +184,35 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest):
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        single = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if single else body.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
+        # Every prompt as (its text, its token ids), all checked before any is run. An id must be both a token the
+        # tokenizer can decode and a row of the embedding (a model's embedding may be padded past the tokenizer).
+        vocab = min(len(tok), engine.model.get_input_embeddings().num_embeddings)
+        encoded: list[tuple[str, list[int]]] = []
+        for k, q in enumerate(prompts):
+            if isinstance(q, str):
+                encoded.append((q, tok(q, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]))
+                continue
+            bad = next((i for i in q if not 0 <= i < vocab), None)
+            if bad is not None:
+                where = "prompt" if single else f"prompt[{k}]"
+                raise APIError(400, f"{where}: token id {bad} is not in the model's vocabulary (ids 0 to {vocab - 1})",
+                               "prompt")
+            ids = q or [tok.eos_token_id]
+            encoded.append((tok.decode(ids), ids))  # the echoed text: the ids decoded, special tokens kept
         choices, pt, ct = [], 0, 0
-        for p in prompts:
-            ids = tok(p, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+        for p, ids in encoded:
             pt += len(ids)
-            mt = budget(len(ids), body.max_tokens, 16)
+            mt = budget(len(ids), body.max_tokens, 16, "prompt")
             results = [GenResult("", [], "length", [] if body.logprobs is not None else None)] * body.n if mt == 0 else \
                 await run([GenRequest(ids, mt, body.temperature, body.top_p,
                                       None if body.seed is None else body.seed + k, stops(body.stop), body.logprobs)
                            for k in range(body.n)])
-            echo_lp = engine.prompt_logprobs(ids, body.logprobs or 0) if body.echo and body.logprobs is not None else None
+            echo_lp = await asyncio.wrap_future(engine.score(ids, body.logprobs or 0)) \
+                if body.echo and body.logprobs is not None else None
             for r in results:
                 ct += len(r.token_ids)
                 text = (p if body.echo else "") + r.text
@@ -195,22 +235,38 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
-async def _chat_stream(cid: str, created: int, model: str, results: list[GenResult], usage: dict, tok):
-    """Server-sent events in OpenAI's chunk format: the role, then one chunk per token, then the finish."""
-    def chunk(index: int, delta: dict, finish: str | None) -> str:
-        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                      "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+async def _chat_stream(cid: str, created: int, model: str, events: asyncio.Queue, futures: list, prompt_tokens: int,
+                       logprobs_of):
+    """Server-sent events in OpenAI's chunk format: each choice's role, its text as it is sampled, its finish
+    (with its logprobs, when asked for), then the usage and `[DONE]`. A client that goes away cancels its requests."""
+    def event(payload: dict) -> str:
+        return "data: " + json.dumps(payload) + "\n\n"
 
-    for k, r in enumerate(results):
-        yield chunk(k, {"role": "assistant", "content": ""}, None)
-        prev = ""
-        for n in range(1, len(r.token_ids) + 1):
-            text = tok.decode(r.token_ids[:n], skip_special_tokens=True)
-            if text != prev:
-                yield chunk(k, {"content": text[len(prev):]}, None)
-                prev = text
-        yield chunk(k, {}, r.finish_reason)
-        await asyncio.sleep(0)
-    yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                 "choices": [], "usage": usage}) + "\n\n"
-    yield "data: [DONE]\n\n"
+    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> str:
+        return event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        for k in range(len(futures)):
+            yield chunk(k, {"role": "assistant", "content": ""}, None)
+        completion_tokens, left = 0, len(futures)
+        while left:
+            k, item = await events.get()
+            if isinstance(item, str):
+                yield chunk(k, {"content": item}, None)
+                continue
+            left -= 1
+            if item.exception() is not None:
+                yield event({"error": {"message": f"generation failed: {type(item.exception()).__name__}",
+                                       "type": "server_error", "param": None, "code": None}})
+                return
+            res = item.result()
+            completion_tokens += len(res.token_ids)
+            yield chunk(k, {}, res.finish_reason, logprobs_of(res))
+        yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}})
+        yield "data: [DONE]\n\n"
+    finally:
+        for f in futures:
+            f.cancel()

@@ -1,7 +1,17 @@
-"""The generation engine behind `stillhouse serve`: one local HF model, requests batched dynamically.
+"""The generation engine behind `stillhouse serve`: one local HF model, continuous batching.
 
-Requests that arrive within a short window and share sampling settings run as one batched
-`generate`; each request keeps its own `max_tokens` and `stop` (applied to its own output).
+Requests join the running batch between decoding steps and leave it at the step they finish
+(end of sequence, their own `max_tokens`, or one of their `stop` strings), so a short answer
+never waits for a long one and a freed slot is refilled at once. Each request keeps its own
+sampling settings (temperature, top_p, seed) and can stream its text as it is sampled.
+
+Why a hand-written decode loop: `model.generate` runs a fixed batch until its longest member
+ends and takes one set of sampling settings per call, which is what made a served teacher
+slower than the in-process one. The loop below is a plain forward pass over a `DynamicCache`
+(the cache every transformers causal LM uses by default): new requests are prefilled as a
+batch and their cache rows are left-padded into the running one; finished rows are dropped
+and all-padding columns trimmed. A model whose cache layers are not plain `DynamicLayer`s
+(sliding-window or recurrent ones) still works, admitting new requests only between cohorts.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -24,10 +36,8 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0: only the chosen token's
+    on_text: Callable[[str], None] | None = None  # called from the engine thread with each new piece of text
     future: Future = field(default_factory=Future)
-
-    def group(self) -> tuple:
-        return (self.temperature > 0, round(self.temperature, 6), round(self.top_p, 6), self.seed)
 
 
 @dataclass
@@ -38,19 +48,41 @@ class GenResult:
     logprobs: list[dict] | None
 
 
+@dataclass
+class _Score:
+    """A prompt to score (logprob of each token given the ones before it), run between steps."""
+    ids: list[int]
+    top: int
+    future: Future = field(default_factory=Future)
+
+
+class _Seq:
+    """One request in the running batch."""
+
+    def __init__(self, req: GenRequest, device: str):
+        self.req = req
+        self.ids: list[int] = []
+        self.logprobs: list[dict] | None = [] if req.top_logprobs is not None else None
+        self.text = ""
+        self.sent = 0  # characters already streamed
+        self.finish: str | None = None
+        self.arrived = 0  # the engine's step count when it was queued
+        self.rng = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
+        # a streamed piece must not be the start of a stop string that later completes
+        self.holdback = max((len(s) for s in req.stop), default=1) - 1
+
+
 class Engine:
-    """Owns the model; `submit()` is thread-safe and returns a Future of a GenResult."""
+    """Owns the model; `submit()` and `score()` are thread-safe and return Futures."""
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None):
+        from pathlib import Path
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from stillhouse.models import resolve_model
-        from stillhouse.teachers.hf import pick_device
-
-        from pathlib import Path
-
-        from stillhouse.teachers.hf import _dir_fingerprint
+        from stillhouse.teachers.hf import _dir_fingerprint, pick_device
 
         src = resolve_model(model_dir)
         self.fingerprint = _dir_fingerprint(Path(src)) if Path(src).exists() else None
@@ -58,20 +90,24 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(src)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
         self.model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        self.watermark = None
+        self._wm = None
         if watermark:
             from stillhouse.watermark import load_config
 
             self.watermark = load_config(watermark)
-        else:
-            self.watermark = None
+            self._wm = self.watermark.construct_processor(self.model.config.get_text_config().vocab_size, self.device)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch, self.window = max_batch, window_ms / 1000
-        self.queue: queue.Queue[GenRequest | None] = queue.Queue()
-        self.batches_run = 0
-        self.largest_batch = 0
+        self.queue: queue.Queue = queue.Queue()
+        self._rng = torch.Generator(device=self.device).manual_seed(torch.seed())
+        self.batches_run = 0  # prefills: groups of requests admitted together
+        self.steps_run = 0  # decoding steps
+        self.largest_batch = 0  # most requests decoded in one step
         self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
         self._thread.start()
 
@@ -80,106 +116,264 @@ class Engine:
         self.queue.put(req)
         return req.future
 
+    def score(self, ids: list[int], top: int = 0) -> Future:
+        """A Future of the prompt's per-token logprobs (for `echo`); the first token has none."""
+        job = _Score(ids, top)
+        self.queue.put(job)
+        return job.future
+
     def close(self) -> None:
+        """Stop after the requests already running finish; requests still queued fail."""
         self.queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
 
-    @torch.inference_mode()
-    def prompt_logprobs(self, ids: list[int], top: int) -> list[dict]:
-        """Logprob of each prompt token given the ones before it (the first has none): for `echo`."""
-        x = torch.tensor([ids], device=self.device)
-        logp = self.model(input_ids=x).logits[0].float().log_softmax(-1)
-        out = [{"id": ids[0], "logprob": None, "top": []}]
-        for t in range(1, len(ids)):
-            row = logp[t - 1]
-            tops = row.topk(top) if top else None
-            out.append({"id": ids[t], "logprob": float(row[ids[t]]),
-                        "top": [] if tops is None else list(zip(tops.indices.tolist(), tops.values.tolist()))})
-        return out
-
-    # -- the batching loop --------------------------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
-        pending: list[GenRequest] = []
+        active: list[_Seq] = []
+        waiting: list[_Seq] = []
+        state: list | None = None  # [cache, attention mask [B, T], last token [B]]
+        stopping = False
+        mergeable = True
         while True:
-            item = self.queue.get()
-            if item is None:
+            if not stopping:
+                stopping = self._collect(waiting, block=not active and not waiting)
+            new: list[_Seq] = []
+            if waiting and (not active or (mergeable and self._admit_now(waiting, len(active)))):
+                k = self.max_batch - len(active)
+                new, waiting[:] = waiting[:k], waiting[k:]
+            if stopping and not active and not new:
+                self._fail(waiting)
+                self._fail_queued()
                 return
-            pending.append(item)
-            deadline = time.monotonic() + self.window
-            while len(pending) < self.max_batch:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._run_all(pending)
-                    return
-                pending.append(item)
-            self._run_all(pending)
-            pending = []
-
-    def _run_all(self, reqs: list[GenRequest]) -> None:
-        groups: dict[tuple, list[GenRequest]] = {}
-        for r in reqs:
-            groups.setdefault(r.group(), []).append(r)
-        for batch in groups.values():
             try:
-                results = self._generate(batch)
-                for r, res in zip(batch, results):
-                    r.future.set_result(res)
-            except Exception as e:  # a failed batch fails its requests, never the engine
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+                if new:
+                    piece = self._prefill(new)
+                    mergeable = mergeable and all(type(layer).__name__ == "DynamicLayer" for layer in piece[0].layers)
+                    state = piece if not active else self._merge(state, piece)
+                    active += new
+                    active, state = self._retire(active, state)
+                if active:
+                    self.largest_batch = max(self.largest_batch, len(active))
+                    self._step(active, state)
+                    active, state = self._retire(active, state)
+            except Exception as e:  # a failed step fails its requests, never the engine
+                self._fail(active + new, e)
+                active, state = [], None
+
+    def _admit_now(self, waiting: list[_Seq], running: int) -> bool:
+        """Whether to prefill the waiting requests into the running batch before the next step.
+
+        Each admission is one more forward pass, so requests are let in in groups: once enough
+        are waiting to fill an eighth of the batch (or every free slot), or once the first has
+        waited `ADMIT_AFTER_STEPS` steps.
+        """
+        room = self.max_batch - running
+        if room <= 0:
+            return False
+        return (len(waiting) >= min(room, max(1, self.max_batch // 8))
+                or self.steps_run - waiting[0].arrived >= self.ADMIT_AFTER_STEPS)
+
+    ADMIT_AFTER_STEPS = 8
+
+    def _collect(self, waiting: list[_Seq], block: bool) -> bool:
+        """Move queued requests to `waiting` (when idle: wait for one, then `window` for company).
+
+        Prompt-scoring jobs run at once. Returns True once shutdown has been asked for.
+        """
+        deadline = None
+        while True:
+            try:
+                if block and deadline is None:
+                    item = self.queue.get()
+                    deadline = time.monotonic() + self.window
+                elif deadline is not None:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    item = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            if isinstance(item, _Score):
+                self._run_score(item)
+            elif not item.future.cancelled():
+                seq = _Seq(item, self.device)
+                seq.arrived = self.steps_run
+                waiting.append(seq)
+            if deadline is not None and len(waiting) >= self.max_batch:
+                return False
+
+    @staticmethod
+    def _fail(seqs: list[_Seq], exc: BaseException | None = None) -> None:
+        for s in seqs:
+            _resolve(s.req.future, exc=exc or RuntimeError("the server is shutting down"))
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _resolve(item.future, exc=RuntimeError("the server is shutting down"))
 
     @torch.inference_mode()
-    def _generate(self, batch: list[GenRequest]) -> list[GenResult]:
+    def _run_score(self, job: _Score) -> None:
+        try:
+            x = torch.tensor([job.ids], device=self.device)
+            logp = self.model(input_ids=x).logits[0].float().log_softmax(-1)
+            out = [{"id": job.ids[0], "logprob": None, "top": []}]
+            for t in range(1, len(job.ids)):
+                out.append(_lp_entry(logp[t - 1], job.ids[t], job.top))
+            _resolve(job.future, out)
+        except Exception as e:
+            _resolve(job.future, exc=e)
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[_Seq]) -> list:
         self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        tok = self.tokenizer
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        width = max(len(s.req.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, r in enumerate(batch):
-            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[row, width - len(r.prompt_ids):] = 1
-        first = batch[0]
-        kwargs: dict = {"max_new_tokens": max(r.max_tokens for r in batch), "pad_token_id": tok.pad_token_id,
-                        "eos_token_id": tok.eos_token_id}
-        if first.temperature > 0:
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+        for row, s in enumerate(seqs):
+            p = s.req.prompt_ids
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        last = self._sample(seqs, out.logits[:, -1, :])
+        return [out.past_key_values, mask, last]
+
+    @torch.inference_mode()
+    def _step(self, active: list[_Seq], state: list) -> None:
+        cache, mask, last = state
+        self.steps_run += 1
+        pos = mask.sum(1, keepdim=True)  # each row's next position: the number of real tokens so far
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
+        out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        state[1:] = mask, self._sample(active, out.logits[:, -1, :])
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        """Choose each row's next token under its own settings, record it, and return them as a tensor.
+
+        Per-row temperature, top-p and seed are done here because transformers' logits warpers
+        take one setting per batch.
+        """
+        logits = logits.float()
+        scores = logits
+        if self._wm is not None:  # the watermark sees each row's real previous tokens, as in `generate`
+            cw = self._wm.context_width
+            hist = [(s.req.prompt_ids + s.ids)[-cw:] for s in seqs]
+            hist = torch.tensor([[self.tokenizer.pad_token_id] * (cw - len(h)) + h for h in hist], device=logits.device)
+            scores = self._wm(hist, scores)
+        chosen = scores.argmax(-1)
+        temps = torch.tensor([s.req.temperature for s in seqs], device=logits.device)
+        sampled = (temps > 0).nonzero().flatten().tolist()
+        if sampled:
+            sub = scores[sampled] / temps[sampled, None]
+            top_p = torch.tensor([seqs[i].req.top_p for i in sampled], device=logits.device)
+            probs = sub.softmax(-1)
+            sorted_p, order = probs.sort(-1, descending=True)
+            # keep the smallest set of tokens reaching top_p (a row with top_p=1 keeps all)
+            drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & (top_p[:, None] < 1)
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            free = [j for j, i in enumerate(sampled) if seqs[i].rng is None]
+            if free:
+                chosen[[sampled[j] for j in free]] = torch.multinomial(probs[free], 1, generator=self._rng)[:, 0]
+            for j, i in enumerate(sampled):
+                if seqs[i].rng is not None:
+                    chosen[i] = torch.multinomial(probs[j], 1, generator=seqs[i].rng)[0]
+        logp = logits.log_softmax(-1) if any(s.logprobs is not None for s in seqs) else None
+        for row, (s, t) in enumerate(zip(seqs, chosen.tolist())):
+            self._advance(s, t, None if s.logprobs is None else logp[row])
+        return chosen
+
+    def _advance(self, s: _Seq, t: int, logp: torch.Tensor | None) -> None:
+        """Append token `t` to `s` and decide whether it has finished; stream what is now safe to send."""
+        # An end-of-sequence token counts as generated and keeps its logprob (lm-eval's log-likelihoods read one
+        # generated entry after an echoed prompt); decoding skips it, so it never shows in the text.
+        s.ids.append(t)
+        if s.logprobs is not None:
+            s.logprobs.append(_lp_entry(logp, t, s.req.top_logprobs))
+        if t in self.eos:
+            s.finish = "stop"
         else:
-            kwargs.update(do_sample=False)
-        if self.watermark is not None:
-            kwargs["watermarking_config"] = self.watermark
-        want_lp = any(r.top_logprobs is not None for r in batch)
-        if want_lp:
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        seqs = out.sequences if want_lp else out
-        logp = torch.stack(out.logits, 1).float().log_softmax(-1) if want_lp else None
-        results = []
-        for row, r in enumerate(batch):
-            new = seqs[row, width:].tolist()[: r.max_tokens]
-            finish = "length"
-            if tok.eos_token_id in new:
-                new = new[: new.index(tok.eos_token_id)]
-                finish = "stop"
-            text = tok.decode(new, skip_special_tokens=True)
-            for s in r.stop:
-                cut = text.find(s)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    new = tok(text, add_special_tokens=False)["input_ids"]
-            lps = None
-            if r.top_logprobs is not None:
-                lps = []
-                for t, tid in enumerate(new):
-                    row_lp = logp[row, t]
-                    tops = row_lp.topk(r.top_logprobs) if r.top_logprobs else None
-                    lps.append({"id": tid, "logprob": float(row_lp[tid]),
-                                "top": [] if tops is None else list(zip(tops.indices.tolist(), tops.values.tolist()))})
-            results.append(GenResult(text=text, token_ids=new, finish_reason=finish, logprobs=lps))
-        return results
+            if s.req.stop or s.req.on_text:
+                before = len(s.text)
+                s.text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
+                if s.req.stop:
+                    start = max(0, before - s.holdback)
+                    cuts = [c for c in (s.text.find(x, start) for x in s.req.stop if x) if c >= 0]
+                    if cuts:
+                        s.text, s.finish = s.text[:min(cuts)], "stop"
+            if s.finish is None and len(s.ids) >= s.req.max_tokens:
+                s.finish = "length"
+        if s.finish is not None and not (s.req.stop or s.req.on_text):
+            s.text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
+        if s.req.on_text:
+            end = len(s.text) if s.finish else len(s.text) - s.holdback
+            while end > s.sent and s.text[end - 1] == "\ufffd" and not s.finish:  # a character still incomplete
+                end -= 1
+            if end > s.sent:
+                try:
+                    s.req.on_text(s.text[s.sent:end])
+                except Exception:  # a listener that has gone away (closed event loop) must not fail the batch
+                    pass
+                s.sent = end
+
+    def _retire(self, active: list[_Seq], state: list) -> tuple[list[_Seq], list | None]:
+        """Resolve finished (or abandoned) requests and drop their rows from the batch."""
+        keep = []
+        for i, s in enumerate(active):
+            if s.finish is not None:
+                _resolve(s.req.future, GenResult(s.text, s.ids, s.finish, s.logprobs))
+            elif not s.req.future.cancelled():
+                keep.append(i)
+        if len(keep) == len(active):
+            return active, state
+        if not keep:
+            return [], None
+        cache, mask, last = state
+        idx = torch.tensor(keep, device=mask.device)
+        cache.batch_select_indices(idx)
+        mask, last = mask[idx], last[idx]
+        first = int(mask.any(0).int().argmax())  # columns that are padding in every remaining row go
+        if first > 0 and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+            mask = mask[:, first:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        return [active[i] for i in keep], [cache, mask, last]
+
+    @staticmethod
+    def _merge(a: list, b: list) -> list:
+        """One batch from two: cache rows and masks left-padded to the longer of the two."""
+        (ca, ma, la), (cb, mb, lb) = a, b
+        width = max(ma.shape[1], mb.shape[1])
+
+        def pad(x: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            n = width - x.shape[-dim_from_end]
+            return x if n == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (n, 0))
+
+        for la_, lb_ in zip(ca.layers, cb.layers):
+            la_.keys = torch.cat([pad(la_.keys, 2), pad(lb_.keys, 2)], 0)
+            la_.values = torch.cat([pad(la_.values, 2), pad(lb_.values, 2)], 0)
+        return [ca, torch.cat([pad(ma, 1), pad(mb, 1)], 0), torch.cat([la, lb], 0)]
+
+
+def _lp_entry(logp: torch.Tensor, t: int, top: int | None) -> dict:
+    """One token's logprob and the `top` most likely alternatives, as (id, logprob) pairs."""
+    tops = logp.topk(top) if top else None
+    return {"id": t, "logprob": float(logp[t]),
+            "top": [] if tops is None else list(zip(tops.indices.tolist(), tops.values.tolist()))}
+
+
+def _resolve(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    """Complete a Future unless its caller has already given up on it."""
+    if fut.done():
+        return
+    try:
+        fut.set_exception(exc) if exc is not None else fut.set_result(result)
+    except Exception:  # cancelled in between
+        pass

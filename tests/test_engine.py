@@ -1,0 +1,140 @@
+"""The serving engine's continuous batching, checked against `model.generate` one request at a time."""
+
+import time
+
+import pytest
+import torch
+
+from stillhouse.serve.engine import Engine, GenRequest
+
+PROMPTS = ["Who are you?", "What is 3 + 4?", "Reverse the word kfzq.", "How many a are in banana?",
+           "What is the capital of Velmora? Answer in one word, please.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=5, dtype="float32")
+    yield e
+    e.close()
+
+
+def _ids(engine, text):
+    tok = engine.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def _alone(engine, ids, n):
+    """Greedy tokens from `generate` on this prompt alone (no padding), up to and including the end of sequence."""
+    out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                pad_token_id=engine.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    return out[:out.index(engine.tokenizer.eos_token_id) + 1] if engine.tokenizer.eos_token_id in out else out
+
+
+def _wait_steps(engine, n):
+    start = engine.steps_run
+    deadline = time.monotonic() + 30
+    while engine.steps_run < start + n:
+        assert time.monotonic() < deadline, "the engine stopped stepping"
+        time.sleep(0.001)
+
+
+def _long_prompt(engine, n):
+    """A prompt whose greedy answer runs the full `n` tokens (the tiny model is random; some stop early)."""
+    for p in PROMPTS + [f"Tell me about {w}." for w in ("rivers", "stones", "lamps", "maps", "owls")]:
+        out = _alone(engine, _ids(engine, p), n)
+        if len(out) == n and engine.tokenizer.eos_token_id not in out:
+            return p
+    pytest.skip("no prompt runs the full length on this tiny model")
+
+
+def test_requests_joining_a_running_batch_match_generate_alone():
+    """Atlas (trained, so its answers depend on every position) with requests joining mid-flight."""
+    from stillhouse.demo.world import sample_tasks
+
+    atlas = Engine("stillhouse:atlas", max_batch=8, window_ms=5, dtype="float32")
+    try:
+        ids = [_ids(atlas, task.prompt) for task in sample_tasks(6, "heldout", seed=3)]
+        first = [atlas.submit(GenRequest(i, 48, temperature=0.0)) for i in ids[:3]]
+        _wait_steps(atlas, 3)  # the first three are decoding; the rest must join them mid-flight
+        later = [atlas.submit(GenRequest(i, 48, temperature=0.0)) for i in ids[3:]]
+        got = [f.result(timeout=120) for f in first + later]
+        for i, res in zip(ids, got):
+            assert res.token_ids == _alone(atlas, i, 48)
+            assert res.finish_reason == ("stop" if res.token_ids[-1] == atlas.tokenizer.eos_token_id else "length")
+            assert res.text == atlas.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        assert atlas.largest_batch > 3  # they did share steps
+    finally:
+        atlas.close()
+
+
+def test_a_short_request_leaves_without_waiting_for_a_long_one(engine):
+    long_ = engine.submit(GenRequest(_ids(engine, _long_prompt(engine, 80)), 80, temperature=0.0))
+    _wait_steps(engine, 2)
+    short = engine.submit(GenRequest(_ids(engine, "Hi"), 2, temperature=0.0))
+    short.result(timeout=60)
+    assert not long_.done()
+    assert len(long_.result(timeout=60).token_ids) == 80
+
+
+def test_each_request_keeps_its_own_sampling_settings(engine):
+    ids = _ids(engine, PROMPTS[1])
+    greedy_alone = engine.submit(GenRequest(ids, 20, temperature=0.0)).result(timeout=60)
+    reqs = [GenRequest(ids, 20, temperature=0.0), GenRequest(ids, 20, temperature=1.0, seed=7),
+            GenRequest(ids, 20, temperature=1.0, seed=7), GenRequest(ids, 20, temperature=1.0, seed=8),
+            GenRequest(ids, 20, temperature=0.7, top_p=0.5)]
+    got = [f.result(timeout=60) for f in [engine.submit(r) for r in reqs]]
+    assert got[0].token_ids == greedy_alone.token_ids
+    assert got[1].token_ids == got[2].token_ids  # same seed, same draws
+    assert got[1].token_ids != got[3].token_ids
+    seeded_alone = engine.submit(GenRequest(ids, 20, temperature=1.0, seed=7)).result(timeout=60)
+    assert seeded_alone.token_ids == got[1].token_ids  # a seed does not depend on the company it keeps
+
+
+def test_stop_strings_cut_the_text_and_streaming_never_sends_them(engine):
+    ids = _ids(engine, _long_prompt(engine, 30))
+    full = engine.submit(GenRequest(ids, 30, temperature=0.0)).result(timeout=60)
+    stop = full.text[12:15]
+    pieces: list[str] = []
+    res = engine.submit(GenRequest(ids, 30, temperature=0.0, stop=[stop], on_text=pieces.append)).result(timeout=60)
+    assert res.finish_reason == "stop" and res.text == full.text[:full.text.find(stop)]
+    assert "".join(pieces) == res.text and stop not in "".join(pieces)
+
+
+def test_streamed_text_arrives_while_the_request_is_still_running(engine):
+    ids = _ids(engine, _long_prompt(engine, 40))
+    seen: list[tuple[int, str]] = []
+    res = engine.submit(GenRequest(ids, 40, temperature=0.0,
+                                   on_text=lambda piece: seen.append((engine.steps_run, piece)))).result(timeout=60)
+    assert "".join(p for _, p in seen) == res.text
+    assert len(seen) >= 10 and seen[0][0] < seen[-1][0] - 10  # pieces came out step by step, not at the end
+
+
+def test_a_cancelled_request_stops_being_decoded(engine):
+    ids = _ids(engine, _long_prompt(engine, 100))
+    start = engine.steps_run
+    fut = engine.submit(GenRequest(ids, 100, temperature=0.0))
+    _wait_steps(engine, 3)
+    assert fut.cancel()
+    time.sleep(0.3)
+    steps = engine.steps_run
+    time.sleep(0.3)
+    assert engine.steps_run == steps and steps - start < 50
+
+
+def test_logprobs_and_prompt_scores_match_the_model(engine):
+    ids = _ids(engine, PROMPTS[0])
+    res = engine.submit(GenRequest(ids, 6, temperature=0.0, top_logprobs=3)).result(timeout=60)
+    with torch.inference_mode():
+        seq = torch.tensor([ids + res.token_ids])
+        logp = engine.model(input_ids=seq).logits[0].float().log_softmax(-1)
+    for t, entry in enumerate(res.logprobs):
+        row = logp[len(ids) - 1 + t]
+        assert entry["id"] == res.token_ids[t] == int(row.argmax())
+        assert entry["logprob"] == pytest.approx(float(row.max()), abs=1e-4)
+        assert [i for i, _ in entry["top"]] == row.topk(3).indices.tolist()
+    scored = engine.score(ids, 2).result(timeout=60)
+    assert scored[0]["logprob"] is None and len(scored) == len(ids)
+    assert [s["logprob"] for s in scored[1:]] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                               abs=1e-4)
