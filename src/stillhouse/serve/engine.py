@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -72,8 +73,45 @@ class _Seq:
         self.holdback = max((len(s) for s in req.stop), default=1) - 1
 
 
+class _SlackLayer(DynamicLayer):
+    """A full-attention cache layer that appends into spare room instead of re-concatenating.
+
+    transformers' `DynamicLayer` copies the whole cache at every step (`torch.cat`); with a
+    long-running batch of hundreds of rows that copy costs about as much as the attention itself.
+    This keeps `SLACK` free columns and writes each new step in place.
+    """
+
+    SLACK = 64
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.reset_to(key_states, value_states)
+            return self.keys, self.values
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        buf = self._kbuf
+        if (buf.shape[-2] < n + m or buf.shape[0] != self.keys.shape[0]
+                or self.keys.data_ptr() != buf.data_ptr()):  # full, or `keys` replaced from outside
+            self.reset_to(self.keys, self.values)
+        self._kbuf[..., n:n + m, :] = key_states
+        self._vbuf[..., n:n + m, :] = value_states
+        self.keys, self.values = self._kbuf[..., :n + m, :], self._vbuf[..., :n + m, :]
+        return self.keys, self.values
+
+    def reset_to(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these keys and values (copied into fresh buffers with room to grow)."""
+        b, h, t, d = keys.shape
+        self._kbuf = keys.new_empty(b, h, t + self.SLACK, d)
+        self._vbuf = values.new_empty(b, h, t + self.SLACK, values.shape[-1])
+        self._kbuf[..., :t, :] = keys
+        self._vbuf[..., :t, :] = values
+        self.keys, self.values = self._kbuf[..., :t, :], self._vbuf[..., :t, :]
+
+
 class Engine:
     """Owns the model; `submit()` and `score()` are thread-safe and return Futures."""
+
+    ADMIT_AFTER_STEPS = 8
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None):
@@ -108,6 +146,7 @@ class Engine:
         self.batches_run = 0  # prefills: groups of requests admitted together
         self.steps_run = 0  # decoding steps
         self.largest_batch = 0  # most requests decoded in one step
+        self._last_admit = 0  # steps_run at the last admission
         self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
         self._thread.start()
 
@@ -141,6 +180,7 @@ class Engine:
             if waiting and (not active or (mergeable and self._admit_now(waiting, len(active)))):
                 k = self.max_batch - len(active)
                 new, waiting[:] = waiting[:k], waiting[k:]
+                self._last_admit = self.steps_run
             if stopping and not active and not new:
                 self._fail(waiting)
                 self._fail_queued()
@@ -148,32 +188,36 @@ class Engine:
             try:
                 if new:
                     piece = self._prefill(new)
-                    mergeable = mergeable and all(type(layer).__name__ == "DynamicLayer" for layer in piece[0].layers)
+                    mergeable = mergeable and all(isinstance(layer, _SlackLayer) for layer in piece[0].layers)
+                    if active:
+                        active, state = self._compact(active, state)
                     state = piece if not active else self._merge(state, piece)
                     active += new
-                    active, state = self._retire(active, state)
                 if active:
                     self.largest_batch = max(self.largest_batch, len(active))
                     self._step(active, state)
-                    active, state = self._retire(active, state)
+                    dead = self._resolve_finished(active)
+                    # Finished rows stay (idle) until an eighth of the batch has finished or new requests come in:
+                    # dropping them copies the whole cache, too dear to do at every step.
+                    if dead == len(active) or dead >= max(1, len(active) // 8):
+                        active, state = self._compact(active, state)
             except Exception as e:  # a failed step fails its requests, never the engine
                 self._fail(active + new, e)
                 active, state = [], None
 
     def _admit_now(self, waiting: list[_Seq], running: int) -> bool:
-        """Whether to prefill the waiting requests into the running batch before the next step.
+        """Whether to prefill waiting requests into the running batch before the next step.
 
-        Each admission is one more forward pass, so requests are let in in groups: once enough
-        are waiting to fill an eighth of the batch (or every free slot), or once the first has
-        waited `ADMIT_AFTER_STEPS` steps.
+        Each admission costs a forward pass, so while the batch is busy requests are let in in
+        groups: once an eighth of the batch can be filled, or `ADMIT_AFTER_STEPS` steps after the
+        last admission (so a lone request never waits long). A nearly idle batch admits at once.
         """
         room = self.max_batch - running
         if room <= 0:
             return False
-        return (len(waiting) >= min(room, max(1, self.max_batch // 8))
-                or self.steps_run - waiting[0].arrived >= self.ADMIT_AFTER_STEPS)
-
-    ADMIT_AFTER_STEPS = 8
+        group = max(1, self.max_batch // 8)
+        return (min(room, len(waiting)) >= group or running < group
+                or self.steps_run - max(waiting[0].arrived, self._last_admit) >= self.ADMIT_AFTER_STEPS)
 
     def _collect(self, waiting: list[_Seq], block: bool) -> bool:
         """Move queued requests to `waiting` (when idle: wait for one, then `window` for company).
@@ -229,6 +273,15 @@ class Engine:
         except Exception as e:
             _resolve(job.future, exc=e)
 
+    def _new_cache(self):
+        """transformers' own cache for this model, with plain full-attention layers swapped for `_SlackLayer`s."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [_SlackLayer() for _ in cache.layers]
+        return cache
+
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Seq]) -> list:
         self.batches_run += 1
@@ -241,7 +294,8 @@ class Engine:
             mask[row, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self._new_cache(),
+                         use_cache=True, logits_to_keep=1)
         last = self._sample(seqs, out.logits[:, -1, :])
         return [out.past_key_values, mask, last]
 
@@ -292,6 +346,8 @@ class Engine:
 
     def _advance(self, s: _Seq, t: int, logp: torch.Tensor | None) -> None:
         """Append token `t` to `s` and decide whether it has finished; stream what is now safe to send."""
+        if s.finish is not None:  # a finished row waiting to be dropped: its token is ignored
+            return
         # An end-of-sequence token counts as generated and keeps its logprob (lm-eval's log-likelihoods read one
         # generated entry after an echoed prompt); decoding skips it, so it never shows in the text.
         s.ids.append(t)
@@ -323,27 +379,35 @@ class Engine:
                     pass
                 s.sent = end
 
-    def _retire(self, active: list[_Seq], state: list) -> tuple[list[_Seq], list | None]:
-        """Resolve finished (or abandoned) requests and drop their rows from the batch."""
-        keep = []
-        for i, s in enumerate(active):
+    def _resolve_finished(self, active: list[_Seq]) -> int:
+        """Hand finished requests their results, notice abandoned ones; returns how many rows are done."""
+        dead = 0
+        for s in active:
+            if s.finish is None and s.req.future.cancelled():
+                s.finish = "cancelled"
             if s.finish is not None:
+                dead += 1
                 _resolve(s.req.future, GenResult(s.text, s.ids, s.finish, s.logprobs))
-            elif not s.req.future.cancelled():
-                keep.append(i)
+        return dead
+
+    def _compact(self, active: list[_Seq], state: list) -> tuple[list[_Seq], list | None]:
+        """Drop finished rows from the batch, and the cache columns that are padding in every row left."""
+        self._resolve_finished(active)
+        keep = [i for i, s in enumerate(active) if s.finish is None]
         if len(keep) == len(active):
             return active, state
         if not keep:
             return [], None
         cache, mask, last = state
         idx = torch.tensor(keep, device=mask.device)
-        cache.batch_select_indices(idx)
         mask, last = mask[idx], last[idx]
-        first = int(mask.any(0).int().argmax())  # columns that are padding in every remaining row go
-        if first > 0 and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+        if all(isinstance(layer, _SlackLayer) for layer in cache.layers):
+            first = int(mask.any(0).int().argmax())
             mask = mask[:, first:]
             for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                layer.reset_to(layer.keys[idx, :, first:], layer.values[idx, :, first:])
+        else:
+            cache.batch_select_indices(idx)
         return [active[i] for i in keep], [cache, mask, last]
 
     @staticmethod
@@ -357,8 +421,8 @@ class Engine:
             return x if n == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (n, 0))
 
         for la_, lb_ in zip(ca.layers, cb.layers):
-            la_.keys = torch.cat([pad(la_.keys, 2), pad(lb_.keys, 2)], 0)
-            la_.values = torch.cat([pad(la_.values, 2), pad(lb_.values, 2)], 0)
+            la_.reset_to(torch.cat([pad(la_.keys, 2), pad(lb_.keys, 2)], 0),
+                         torch.cat([pad(la_.values, 2), pad(lb_.values, 2)], 0))
         return [ca, torch.cat([pad(ma, 1), pad(mb, 1)], 0), torch.cat([la, lb], 0)]
 
 
