@@ -144,3 +144,18 @@ def test_served_teacher_path_through_a_real_server(tiny_models, tmp_path):
     assert m["counts"]["calls_made"] == 6
     rows = pq.read_table(tmp_path / "run" / "data" / "generated.parquet").to_pylist()
     assert {x["reported_model"] for x in rows} == {"t"} and rows[0]["system_fingerprint"].startswith("fp_")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_the_served_teacher_is_stopped_when_the_run_fails_or_is_interrupted(tiny_models, exc):
+    """What `stillhouse demo` relies on: leaving `subprocess_server` any way stops the server process."""
+    import httpx
+
+    from stillhouse.serve import subprocess_server
+
+    with pytest.raises(exc):
+        with subprocess_server(str(tiny_models["teacher"]), "--model-name", "t") as url:
+            assert httpx.get(url + "/models", timeout=10).status_code == 200
+            raise exc()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/models", timeout=5)

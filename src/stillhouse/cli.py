@@ -233,15 +233,16 @@ def ledger_export(target: Path = TargetArg) -> None:
 
 @demo_app.callback()
 def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="run directory"), force: bool = ForceOpt,
-         served: bool = typer.Option(False, "--served", help="call Atlas through its OpenAI-compatible API, "
-                                                              "watermarked, as a provider would serve it")) -> None:
+         in_process: bool = typer.Option(False, "--in-process",
+                                         help="run Atlas inside this process (the `hf` backend) instead of serving it")
+         ) -> None:
     """Distil Atlas, the embedded teacher, into the embedded base model, then evaluate and report.
 
-    By default Atlas runs in-process (the `hf` backend). With --served it is served the way a
-    provider serves a model: `stillhouse serve` with a watermark key, in its own process on a
-    free local port, and the recipe's teacher becomes that endpoint; the server is stopped at
-    the end, on failure and on Ctrl-C too. (Served generation is ~35% slower here: the server
-    batches requests in arrival order, the in-process backend sorts them by length.)
+    Atlas is served the way a provider serves a model: `stillhouse serve` with a watermark key,
+    in its own process on a free local port, and the recipe's teacher becomes that endpoint
+    (the `openai` backend, as for any hosted teacher). The server is stopped at the end, on
+    failure and on Ctrl-C too. With --in-process the recipe runs as written, Atlas loaded by
+    the `hf` backend.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -251,7 +252,7 @@ def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="r
     from stillhouse.ui import console
 
     overrides = {"run_dir": str(out)}
-    if not served:
+    if in_process:
         _headline(run_all(load_recipe(DEMO_RECIPE, overrides=overrides), force=force))
         return
     from stillhouse.models import PACKAGED, count_parameters
@@ -262,8 +263,8 @@ def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="r
     if not key.exists():
         keygen(key)
     recipe = load_recipe(DEMO_RECIPE, overrides=overrides)
-    with subprocess_server("stillhouse:atlas", "--model-name", "atlas", "--watermark", str(key), "--max-batch", "256",
-                           "--window-ms", "50") as url:
+    with subprocess_server("stillhouse:atlas", "--model-name", "atlas", "--watermark", str(key),
+                           "--max-batch", "256") as url:
         console.print(f"Atlas served at {url} with watermark key {key}")
         teacher = recipe.teacher.model_dump()
         teacher.update(spec="openai:atlas", options={"base_url": url, "concurrency": 256, "timeout": 600,
