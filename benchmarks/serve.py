@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/serve.py [--clients 200] [--requests 400] [--bad-every 5]
 
-Serves Atlas twice, side by side in one run: with dynamic batching (the default) and with
-`--max-batch 1` (one request at a time). Each time, `clients` concurrent clients send
+Serves Atlas twice, side by side in one run: with continuous batching (requests join and
+leave the running batch between decoding steps) and with `--max-batch 1` (one request at a
+time). Each time, `clients` concurrent clients send
 `requests` chat completions, every `bad-every`-th one malformed (bad JSON, unknown model,
 missing messages, max_tokens past the context, wrong types). Checks that every valid request
 is answered 200, every malformed one gets a 4xx, and the server is still up; records
@@ -75,13 +76,13 @@ def main() -> None:
     ap.add_argument("--bad-every", type=int, default=5)
     args = ap.parse_args()
     res = {}
-    for label, extra in (("dynamic batching (max batch 256, 20 ms window)", ["--max-batch", "256", "--window-ms", "20"]),
+    for label, extra in (("continuous batching (--max-batch 256)", ["--max-batch", "256"]),
                          ("one request at a time (--max-batch 1)", ["--max-batch", "1"])):
         with subprocess_server("stillhouse:atlas", "--model-name", "atlas", *extra) as url:
             res[label] = asyncio.run(load(url, args.clients, args.requests, args.bad_every))
         print(label, json.dumps(res[label]), flush=True)
     (b_label, b), (s_label, s) = res.items()
-    lines = ["## Serve: load and dynamic batching", "",
+    lines = ["## Serve: load and batching", "",
              f"Command: `.venv/bin/python benchmarks/serve.py --clients {args.clients} --requests {args.requests} "
              f"--bad-every {args.bad_every}`: Atlas served by `stillhouse serve` in its own process, {args.clients} "
              f"concurrent clients, every {args.bad_every}th request malformed (bad JSON, unknown model, no messages, "
@@ -91,7 +92,7 @@ def main() -> None:
     for label, r in res.items():
         lines.append(f"| {label} | {r['valid_200']}/{r['valid']} | {r['bad_4xx']}/{r['bad']} | {'yes' if r['up'] else 'NO'} | "
                      f"{r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} |")
-    lines += ["", f"Dynamic batching / one at a time: **{b['rps'] / s['rps']:.1f}x** the throughput."]
+    lines += ["", f"Continuous batching / one at a time: **{b['rps'] / s['rps']:.1f}x** the throughput."]
     write_section("serve", "\n".join(lines))
 
 

@@ -138,3 +138,19 @@ def test_logprobs_and_prompt_scores_match_the_model(engine):
     assert scored[0]["logprob"] is None and len(scored) == len(ids)
     assert [s["logprob"] for s in scored[1:]] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))],
                                                                abs=1e-4)
+
+
+def test_cached_green_lists_bias_exactly_as_transformers_watermark_processor():
+    from transformers import WatermarkingConfig
+
+    from stillhouse.serve.engine import _GreenLists
+
+    proc = WatermarkingConfig(greenlist_ratio=0.25, bias=2.0, hashing_key=123, seeding_scheme="lefthash",
+                              context_width=1).construct_processor(102, "cpu")
+    fast = _GreenLists(proc)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # later rounds hit the cache
+        hist = torch.randint(0, 20, (16, 1), generator=g)
+        scores = torch.randn(16, 102, generator=g)
+        assert torch.equal(fast(hist, scores), proc(hist, scores))
+    assert 0 < len(fast._lists) <= 20

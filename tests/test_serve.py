@@ -193,3 +193,15 @@ def test_chat_cli_streams_a_reply_from_a_local_model(tiny_models):
                          input="Who are you?\n/exit\n", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
     assert "chatting with teacher" in out.stdout and "assistant> " in out.stdout
+
+
+@pytest.mark.parametrize("args, says", [(["--max-batch", "0"], "--max-batch must be at least 1"),
+                                        (["--window-ms", "-5"], "--window-ms must not be negative")])
+def test_bad_serve_options_fail_with_one_clear_line(tiny_models, args, says):
+    import subprocess
+
+    from tests.conftest import STILLHOUSE
+
+    r = subprocess.run([*STILLHOUSE, "serve", str(tiny_models["teacher"]), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and says in r.stderr + r.stdout and "Traceback" not in r.stderr

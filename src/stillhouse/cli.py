@@ -93,8 +93,8 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               port: int = typer.Option(8000, help="port to bind"),
               model_name: str = typer.Option(None, help="the model id clients ask for (default: the directory name)"),
               api_key_env: str = typer.Option(None, help="require `Authorization: Bearer $VAR` from clients"),
-              max_batch: int = typer.Option(64, help="most requests batched into one generate"),
-              window_ms: float = typer.Option(10.0, help="how long to gather requests into a batch"),
+              max_batch: int = typer.Option(64, help="most requests decoded together (continuous batching)"),
+              window_ms: float = typer.Option(10.0, help="when idle, how long to wait for company after a request"),
               device: str = typer.Option("auto", help="cpu, cuda or auto"),
               watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`")) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""

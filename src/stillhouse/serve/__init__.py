@@ -18,6 +18,10 @@ def build(model_dir: str, model_name: str | None = None, api_key_env: str | None
     from stillhouse.serve.app import create_app
     from stillhouse.serve.engine import Engine
 
+    if engine_kw.get("max_batch", 1) < 1:
+        raise StillhouseError(f"--max-batch must be at least 1, not {engine_kw['max_batch']}")
+    if engine_kw.get("window_ms", 0) < 0:
+        raise StillhouseError(f"--window-ms must not be negative, not {engine_kw['window_ms']}")
     key = None
     if api_key_env:
         key = os.environ.get(api_key_env)
