@@ -84,6 +84,19 @@ def test_rerun_makes_zero_calls_and_force_reuses_the_ledger(tmp_path):
     assert m["counts"]["cache_hits"] == 20 and m["counts"]["calls_made"] == 0
 
 
+def test_a_finished_generation_stays_finished_when_the_teacher_moves_to_another_endpoint(tmp_path):
+    """A teacher served on a new port (as `stillhouse demo` does on every run) is the same teacher."""
+    with FakeOpenAI(api_key=KEY) as a, FakeOpenAI(api_key=KEY) as b:
+        r = parse_recipe(recipe_text(tmp_path, a.base_url, 6))
+        generate(r, open_run(r))
+        moved = parse_recipe(recipe_text(tmp_path, b.base_url, 6).replace("concurrency: 8", "concurrency: 2"))
+        m = generate(moved, open_run(moved))
+        assert b.requests == 0 and m["counts"]["calls_made"] == 6  # the first run's manifest, not a new run
+        other = parse_recipe(recipe_text(tmp_path, b.base_url, 6).replace("seed: 3", "seed: 4"))
+        generate(other, open_run(other))  # what the teacher answers changed: generated anew
+        assert b.requests == 6
+
+
 def test_n_samples_of_one_prompt_are_n_distinct_calls(tmp_path):
     with FakeOpenAI(api_key=KEY) as srv:
         text = recipe_text(tmp_path, srv.base_url, 3).replace("generation: {max_tokens: 32, seed: 3}",

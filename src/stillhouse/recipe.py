@@ -7,7 +7,7 @@ The resolved recipe (every default filled in) is written into the run directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +32,17 @@ class TeacherSpec(_Strict):
     terms: str = Field("unknown", description="the teacher's terms of use, an id from stillhouse.terms.REGISTRY")
     parameters: int | None = Field(None, ge=1, description="the teacher's size, for reports, when it cannot be read "
                                                           "from a local checkpoint (an API teacher)")
+
+    # Options that say how to reach the teacher, not what it answers: a stage finished through one
+    # endpoint (or port, or concurrency) is still finished when the same teacher is reached another way.
+    TRANSPORT_OPTIONS: ClassVar[frozenset] = frozenset({"base_url", "api_key_env", "api_key_required", "concurrency", "timeout",
+                                   "max_attempts"})
+
+    def identity(self) -> dict:
+        """This teacher as a finished stage's config records it: without the transport options."""
+        d = self.model_dump()
+        d["options"] = {k: v for k, v in d["options"].items() if k not in self.TRANSPORT_OPTIONS}
+        return d
 
     @field_validator("terms")
     @classmethod

@@ -99,7 +99,7 @@ def evaluate(recipe: Recipe, run: RunDir, force: bool = False) -> dict:
     from stillhouse.models import count_parameters, resolve_model
 
     trained = run.require("train", "evaluate")
-    config = {"evaluate": recipe.evaluate.model_dump(), "teacher": recipe.teacher.model_dump(), "base": recipe.student.base}
+    config = {"evaluate": recipe.evaluate.model_dump(), "teacher": recipe.teacher.identity(), "base": recipe.student.base}
     inputs = {"student": trained["outputs"]["student"]}
     if not force and run.is_done("evaluate", inputs, config):
         console.print("evaluate: already finished, skipping (use --force to redo)")

@@ -124,7 +124,7 @@ def generate(recipe: Recipe, run: RunDir, force: bool = False, dry_run: bool = F
     from stillhouse.ledger import Ledger
     from stillhouse.teachers import parse_spec
 
-    config = {"teacher": recipe.teacher.model_dump(), "prompts": recipe.prompts.model_dump(),
+    config = {"teacher": recipe.teacher.identity(), "prompts": recipe.prompts.model_dump(),
               "generation": recipe.generation.model_dump(), "use": recipe.use.model_dump(), "method": "responses"}
     inputs = {"prompts": recipe.prompts.source if recipe.prompts.source == "world" else hash_path(recipe.prompts.source)}
     if not force and not dry_run and run.is_done("generate", inputs, config):
