@@ -101,6 +101,7 @@ def main() -> None:
 
     lines = ["## lm-evaluation-harness against `stillhouse serve`", "",
              f"Command: `.venv/bin/python benchmarks/lm_eval_world.py --n-per-family {args.n_per_family}` "
+             f"(the student: a `stillhouse demo` run's; here {args.student}) "
              f"(lm-eval {lm_eval.__version__}, `local-chat-completions`, 32 concurrent requests, greedy, "
              f"{len(tasks)} held-out world prompts). Each cell: lm-eval's exact match (regex on the final "
              "`Answer:`) / stillhouse's verifier on the same outputs.", "",
