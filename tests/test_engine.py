@@ -154,3 +154,18 @@ def test_cached_green_lists_bias_exactly_as_transformers_watermark_processor():
         scores = torch.randn(16, 102, generator=g)
         assert torch.equal(fast(hist, scores), proc(hist, scores))
     assert 0 < len(fast._lists) <= 20
+
+
+def test_any_seed_a_client_sends_is_taken_and_the_engine_survives(engine):
+    ids = _ids(engine, "Hi")
+    for seed in (2**64 + 5, -3, 2**70):
+        res = engine.submit(GenRequest(ids, 3, temperature=1.0, seed=seed)).result(timeout=60)
+        assert res.finish_reason in ("stop", "length")
+    assert engine.submit(GenRequest(ids, 2, temperature=0.0)).result(timeout=60).token_ids
+
+
+def test_a_closed_engine_refuses_work_instead_of_hanging(tiny_models):
+    e = Engine(str(tiny_models["teacher"]), max_batch=4, dtype="float32")
+    e.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        e.submit(GenRequest([1, 2, 3], 2))

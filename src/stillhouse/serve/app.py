@@ -188,31 +188,37 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         prompts = [body.prompt] if single else body.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
-        # Every prompt as (its text, its token ids), all checked before any is run. An id must be both a token the
-        # tokenizer can decode and a row of the embedding (a model's embedding may be padded past the tokenizer).
+        # Every prompt as (its text, its token ids, its max_tokens), all checked before any is run. An id must be both
+        # a token the tokenizer can decode and a row of the embedding (which may be padded past the tokenizer).
         vocab = min(len(tok), engine.model.get_input_embeddings().num_embeddings)
-        encoded: list[tuple[str, list[int]]] = []
+        encoded: list[tuple[str, list[int], int]] = []
         for k, q in enumerate(prompts):
             if isinstance(q, str):
-                encoded.append((q, tok(q, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]))
-                continue
-            bad = next((i for i in q if not 0 <= i < vocab), None)
-            if bad is not None:
-                where = "prompt" if single else f"prompt[{k}]"
-                raise APIError(400, f"{where}: token id {bad} is not in the model's vocabulary (ids 0 to {vocab - 1})",
-                               "prompt")
-            ids = q or [tok.eos_token_id]
-            encoded.append((tok.decode(ids), ids))  # the echoed text: the ids decoded, special tokens kept
-        choices, pt, ct = [], 0, 0
-        for p, ids in encoded:
-            pt += len(ids)
-            mt = budget(len(ids), body.max_tokens, 16, "prompt")
+                text, ids = q, tok(q, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            else:
+                bad = next((i for i in q if not 0 <= i < vocab), None)
+                if bad is not None:
+                    where = "prompt" if single else f"prompt[{k}]"
+                    raise APIError(400, f"{where}: token id {bad} is not in the model's vocabulary "
+                                        f"(ids 0 to {vocab - 1})", "prompt")
+                ids = q or [tok.eos_token_id]
+                text = tok.decode(ids)  # the echoed text: the ids decoded, special tokens kept
+            encoded.append((text, ids, budget(len(ids), body.max_tokens, 16, "prompt")))
+
+        async def one(ids: list[int], mt: int) -> tuple[list[GenResult], list[dict] | None]:
             results = [GenResult("", [], "length", [] if body.logprobs is not None else None)] * body.n if mt == 0 else \
                 await run([GenRequest(ids, mt, body.temperature, body.top_p,
                                       None if body.seed is None else body.seed + k, stops(body.stop), body.logprobs)
                            for k in range(body.n)])
             echo_lp = await asyncio.wrap_future(engine.score(ids, body.logprobs or 0)) \
                 if body.echo and body.logprobs is not None else None
+            return results, echo_lp
+
+        # all prompts at once: the engine batches them
+        outs = await asyncio.gather(*(one(ids, mt) for _, ids, mt in encoded))
+        choices, pt, ct = [], 0, 0
+        for (p, ids, _), (results, echo_lp) in zip(encoded, outs):
+            pt += len(ids)
             for r in results:
                 ct += len(r.token_ids)
                 text = (p if body.echo else "") + r.text

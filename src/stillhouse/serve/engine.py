@@ -68,7 +68,8 @@ class _Seq:
         self.sent = 0  # characters already streamed
         self.finish: str | None = None
         self.arrived = 0  # the engine's step count when it was queued
-        self.rng = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
+        self.rng = (torch.Generator(device=device).manual_seed(req.seed & 0xFFFF_FFFF_FFFF_FFFF)  # any int a client sends
+                    if req.seed is not None else None)
         # a streamed piece must not be the start of a stop string that later completes
         self.holdback = max((len(s) for s in req.stop), default=1) - 1
 
@@ -84,8 +85,8 @@ class _SlackLayer(DynamicLayer):
     SLACK = 64
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized:  # (set by hand: `lazy_initialization`'s signature differs across versions)
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
             self.reset_to(key_states, value_states)
             return self.keys, self.values
         n, m = self.keys.shape[-2], key_states.shape[-2]
@@ -114,18 +115,19 @@ class _GreenLists:
     The processor draws a seeded permutation of the vocabulary for every row at every step;
     on a batch of hundreds of rows that Python loop cost a quarter of the decode time. With
     the `lefthash` scheme a green list depends only on the preceding token(s), so lists are
-    kept (up to `MAX_CACHED` contexts, least recently used dropped) and the bias is added to
+    kept (least recently used dropped past `CACHE_ENTRIES` ids in all) and the bias is added to
     the whole batch in one scatter. The lists come from the processor's own method, so the
     output is the processor's exactly; other schemes go through the processor unchanged.
     """
 
-    MAX_CACHED = 4096
+    CACHE_ENTRIES = 1 << 25  # ids kept in all (256 MiB of int64), however large the vocabulary
 
     def __init__(self, processor):
         from collections import OrderedDict
 
         self.processor = processor
         self.context_width = processor.context_width
+        self.max_cached = max(16, self.CACHE_ENTRIES // max(1, processor.greenlist_size))
         self._lists: OrderedDict = OrderedDict()
 
     def __call__(self, hist: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -133,12 +135,11 @@ class _GreenLists:
         if p.seeding_scheme != "lefthash":
             return p(hist, scores)
         rows = []
-        for ctx, row in zip(hist.tolist(), hist):
-            key = tuple(ctx)
+        for key, row in zip(hist[:, -1].tolist(), hist):  # lefthash seeds from the last token alone
             ids = self._lists.get(key)
             if ids is None:
                 ids = self._lists[key] = p._get_greenlist_ids(row)
-                if len(self._lists) > self.MAX_CACHED:
+                if len(self._lists) > self.max_cached:
                     self._lists.popitem(last=False)
             else:
                 self._lists.move_to_end(key)
@@ -180,60 +181,90 @@ class Engine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch, self.window = max_batch, window_ms / 1000
         self.queue: queue.Queue = queue.Queue()
-        self._rng = torch.Generator(device=self.device).manual_seed(torch.seed())
+        self._rng = torch.Generator(device=self.device)
+        self._rng.seed()  # its own random seed; the process's global RNG is left alone
         self.batches_run = 0  # prefills: groups of requests admitted together
         self.steps_run = 0  # decoding steps
         self.largest_batch = 0  # most requests decoded in one step
         self._last_admit = 0  # steps_run at the last admission
+        self._dead: RuntimeError | None = None  # set if the loop ever fails outside a request
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
         self._thread.start()
 
     # -- public -------------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> Future:
+        self._check_open()
         self.queue.put(req)
         return req.future
 
     def score(self, ids: list[int], top: int = 0) -> Future:
         """A Future of the prompt's per-token logprobs (for `echo`); the first token has none."""
+        self._check_open()
         job = _Score(ids, top)
         self.queue.put(job)
         return job.future
 
     def close(self) -> None:
-        """Stop after the requests already running finish; requests still queued fail."""
+        """Stop after the requests already running finish; requests still waiting fail."""
+        self._closed = True
         self.queue.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join()
+
+    def _check_open(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise RuntimeError("the generation engine is closed")
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        active: list[_Seq] = []
+        waiting: list[_Seq] = []
+        try:
+            self._run(active, waiting)
+        except BaseException as e:  # never die silently: fail every request and refuse new ones
+            self._dead = RuntimeError(f"the generation engine stopped: {type(e).__name__}: {e}")
+            self._fail(active + waiting, self._dead)
+            self._fail_queued(self._dead)
+
+    def _run(self, active: list[_Seq], waiting: list[_Seq]) -> None:
         # Built here, not in __init__: the processor's set-up is the process's first multi-threaded torch op, and
         # CPU decoding ran ~20% slower when that op came from another thread than the one that decodes.
         if self.watermark is not None:
             self._wm = _GreenLists(self.watermark.construct_processor(self.model.config.get_text_config().vocab_size,
                                                                       self.device))
-        active: list[_Seq] = []
-        waiting: list[_Seq] = []
         state: list | None = None  # [cache, attention mask [B, T], last token [B]]
         stopping = False
         mergeable = True
         while True:
             if not stopping:
                 stopping = self._collect(waiting, block=not active and not waiting)
-            new: list[_Seq] = []
-            if waiting and (not active or (mergeable and self._admit_now(waiting, len(active)))):
-                k = self.max_batch - len(active)
-                new, waiting[:] = waiting[:k], waiting[k:]
-                self._last_admit = self.steps_run
-            if stopping and not active and not new:
+            if stopping:  # close(): what is running finishes, what waits fails
                 self._fail(waiting)
-                self._fail_queued()
-                return
-            try:
-                if new:
+                waiting.clear()
+                if not active:
+                    self._fail_queued()
+                    return
+            live = sum(s.finish is None for s in active)
+            new: list[_Seq] = []
+            if waiting and (not active or (mergeable and self._admit_now(waiting, live))):
+                new = waiting[:self.max_batch - live]
+                del waiting[:len(new)]
+                self._last_admit = self.steps_run
+            piece = None
+            if new:
+                try:
                     piece = self._prefill(new)
+                except Exception as e:  # a failed prefill fails its own requests, not the running ones
+                    self._fail(new, e)
+                    new = []
+            try:
+                if piece is not None:
                     mergeable = mergeable and all(isinstance(layer, _SlackLayer) for layer in piece[0].layers)
                     if active:
-                        active, state = self._compact(active, state)
+                        kept, state = self._compact(active, state)
+                        active[:] = kept
                     state = piece if not active else self._merge(state, piece)
                     active += new
                 if active:
@@ -243,10 +274,12 @@ class Engine:
                     # Finished rows stay (idle) until an eighth of the batch has finished or new requests come in:
                     # dropping them copies the whole cache, too dear to do at every step.
                     if dead == len(active) or dead >= max(1, len(active) // 8):
-                        active, state = self._compact(active, state)
+                        kept, state = self._compact(active, state)
+                        active[:] = kept
             except Exception as e:  # a failed step fails its requests, never the engine
-                self._fail(active + new, e)
-                active, state = [], None
+                self._fail(active, e)
+                active.clear()
+                state = None
 
     def _admit_now(self, waiting: list[_Seq], running: int) -> bool:
         """Whether to prefill waiting requests into the running batch before the next step.
@@ -284,7 +317,11 @@ class Engine:
             if isinstance(item, _Score):
                 self._run_score(item)
             elif not item.future.cancelled():
-                seq = _Seq(item, self.device)
+                try:
+                    seq = _Seq(item, self.device)
+                except Exception as e:
+                    _resolve(item.future, exc=e)
+                    continue
                 seq.arrived = self.steps_run
                 waiting.append(seq)
             if deadline is not None and len(waiting) >= self.max_batch:
@@ -295,14 +332,14 @@ class Engine:
         for s in seqs:
             _resolve(s.req.future, exc=exc or RuntimeError("the server is shutting down"))
 
-    def _fail_queued(self) -> None:
+    def _fail_queued(self, exc: BaseException | None = None) -> None:
         while True:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return
             if item is not None:
-                _resolve(item.future, exc=RuntimeError("the server is shutting down"))
+                _resolve(item.future, exc=exc or RuntimeError("the server is shutting down"))
 
     @torch.inference_mode()
     def _run_score(self, job: _Score) -> None:
@@ -346,7 +383,9 @@ class Engine:
     def _step(self, active: list[_Seq], state: list) -> None:
         cache, mask, last = state
         self.steps_run += 1
-        pos = mask.sum(1, keepdim=True)  # each row's next position: the number of real tokens so far
+        # each row's next position: the number of real tokens so far (a finished row waiting to be dropped keeps
+        # being fed; clamped, it never asks a model with learned positions for one past its context)
+        pos = mask.sum(1, keepdim=True).clamp(max=self.context - 1)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
         out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
