@@ -131,7 +131,7 @@ def test_model_card_and_ledger_cli(finished_run):
 
 
 def test_served_teacher_path_through_a_real_server(tiny_models, tmp_path):
-    """The demo's --served path in miniature: a teacher behind `stillhouse serve` (own process), generate over HTTP."""
+    """The demo's served-teacher path in miniature: a teacher behind `stillhouse serve` (own process), generate over HTTP."""
     from stillhouse.generate import generate
     from stillhouse.pipeline import open_run
     from stillhouse.recipe import parse_recipe

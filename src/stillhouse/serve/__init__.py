@@ -1,4 +1,4 @@
-"""Serve any local causal LM over an OpenAI-compatible API (FastAPI + uvicorn), with dynamic batching."""
+"""Serve any local causal LM over an OpenAI-compatible API (FastAPI + uvicorn), with continuous batching."""
 
 from __future__ import annotations
 
