@@ -155,21 +155,10 @@ class Engine:
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None):
-        from pathlib import Path
+        from stillhouse.teachers.hf import load_local_lm, pick_device
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from stillhouse.models import resolve_model
-        from stillhouse.teachers.hf import _dir_fingerprint, pick_device
-
-        src = resolve_model(model_dir)
-        self.fingerprint = _dir_fingerprint(Path(src)) if Path(src).exists() else None
         self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(src)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype)
         eos = self.model.generation_config.eos_token_id
         self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.watermark = None
