@@ -36,3 +36,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def generate(recipe, run, force: bool = False, dry_run: bool = False):
+    """The generate stage, as `stillhouse generate` runs it."""
+    from stillhouse.stages import get_stage
+
+    return get_stage("generate").run(recipe, run, force=force, dry_run=dry_run)

@@ -64,9 +64,9 @@ def test_hf_backend_top_k_logprobs(tiny_models):
 
 
 def test_hf_backend_goes_through_the_ledger(tiny_models, tmp_path):
-    from stillhouse.generate import generate
-    from stillhouse.ledger import Ledger
-    from stillhouse.pipeline import open_run
+    from tests.conftest import generate
+    from stillhouse.calls import Ledger
+    from stillhouse.stages import open_run
     from stillhouse.recipe import parse_recipe
 
     r = parse_recipe(f"name: h\nrun_dir: {tmp_path / 'run'}\nteacher: {{spec: 'hf:{tiny_models['teacher']}'}}\n"
@@ -82,12 +82,12 @@ def test_cache_identity_of_a_local_model_follows_its_weights(tiny_models, tmp_pa
 
     from transformers import AutoModelForCausalLM
 
-    from stillhouse.generate import cache_model_id
+    from stillhouse.teachers import answer_identity
 
     d = tmp_path / "m"
     shutil.copytree(tiny_models["teacher"], d)
-    before = cache_model_id("hf", str(d))
-    assert before == cache_model_id("hf", str(d)) and before.startswith(f"{d}@fp_")
+    before = answer_identity(f"hf:{d}", {})
+    assert before == answer_identity(f"hf:{d}", {}) and before["weights"].startswith("fp_")
     AutoModelForCausalLM.from_pretrained(tiny_models["base"]).save_pretrained(d)  # retrained in place
-    assert cache_model_id("hf", str(d)) != before
-    assert cache_model_id("openai", "gpt-4o-mini") == "gpt-4o-mini"
+    assert answer_identity(f"hf:{d}", {})["weights"] != before["weights"]
+    assert answer_identity("openai:gpt-4o-mini", {})["model"] == "gpt-4o-mini"

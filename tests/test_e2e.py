@@ -13,14 +13,19 @@ from tests.conftest import STILLHOUSE
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_models, tmp_path_factory):
+    """A run with two students (the second with its own training settings) and a control model."""
     root = tmp_path_factory.mktemp("e2e")
     recipe = root / "tiny.yaml"
     recipe.write_text(f"""name: tiny
 teacher: {{spec: "hf:{tiny_models['teacher']}"}}
 prompts: {{source: world, n: 12}}
 generation: {{max_tokens: 12}}
-student: {{base: "{tiny_models['base']}"}}
-train: {{epochs: 1, learning_rate: 0.003, batch_size: 4, max_length: 128}}
+students:
+  - {{name: student, base: "{tiny_models['base']}"}}
+  - {{name: slow, base: "{tiny_models['base']}", train: {{epochs: 1, learning_rate: 0.0001, batch_size: 4, max_length: 128}}}}
+controls:
+  - {{name: ctrl, model: "{tiny_models['base']}"}}
+train: {{epochs: 6, learning_rate: 0.003, batch_size: 4, max_length: 128}}
 evaluate: {{n_per_family: 1, max_tokens: 12}}
 """)
     out = subprocess.run([*STILLHOUSE, "run", str(recipe)], cwd=root, capture_output=True, text=True, timeout=300)
@@ -31,12 +36,16 @@ evaluate: {{n_per_family: 1, max_tokens: 12}}
 def test_run_writes_the_run_directory(finished_run):
     root, run, _, out = finished_run
     for rel in ("recipe.yaml", "data/generated.parquet", "student/config.json", "student/model.safetensors",
-                "student/README.md", "eval/results.json", "eval/samples.jsonl", "report.html"):
+                "student/README.md", "students/slow/model.safetensors", "students/slow/README.md",
+                "eval/results.json", "eval/samples.jsonl", "report.html"):
         assert (run / rel).is_file(), rel
     for stage in ("generate", "train", "evaluate", "report"):
         m = json.loads((run / "stages" / f"{stage}.json").read_text())
-        assert m["stage"] == stage and m["seconds"] >= 0
-    assert "share kept" in out.stderr and "report.html" in out.stderr
+        assert m["stage"] == stage and 0 < m["seconds"] < 300 and m["finished"] >= m["started"]
+    assert "share of teacher kept" in out.stderr and "report.html" in out.stderr
+    train = json.loads((run / "stages" / "train.json").read_text())
+    # 12 samples, batch 4: 3 steps an epoch
+    assert train["counts"]["students"]["student"]["steps"] == 18 and train["counts"]["students"]["slow"]["steps"] == 3
 
 
 def test_generated_rows_have_messages_and_provenance(finished_run):
@@ -46,23 +55,57 @@ def test_generated_rows_have_messages_and_provenance(finished_run):
     r = rows[0]
     assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
     for col in ("teacher_backend", "teacher_model", "reported_model", "system_fingerprint", "sampling_params",
-                "prompt_template_hash", "ledger_key", "created_at", "sample_index"):
+                "generation_method", "prompt_template_hash", "ledger_key", "created_at", "sample_index"):
         assert r[col] is not None, col
     assert len({r["ledger_key"] for r in rows}) == 12
+    assert all(0 < x["completion_tokens"] <= 12 and x["prompt_tokens"] > 5 for x in rows)
     from datasets import load_dataset
 
     ds = load_dataset("parquet", data_files=str(run / "data" / "generated.parquet"), split="train")
     assert ds.num_rows == 12
 
 
-def test_results_and_samples(finished_run):
+def test_results_list_every_model_with_its_role(finished_run):
     _, run, _, _ = finished_run
     res = json.loads((run / "eval" / "results.json").read_text())
-    assert set(res["accuracy"]) == {"teacher", "base", "student"} and res["items"] == 6
-    assert len(res["accuracy_by_family"]["student"]) == 6
+    roles = {m["name"]: m["role"] for m in res["models"]}
+    assert roles == {"teacher": "teacher", "base": "base", "student": "student", "slow": "student", "ctrl": "control"}
+    assert res["items"] == 6 and all(len(m["accuracy_by_family"]) == 6 for m in res["models"])
+    by = {m["name"]: m for m in res["models"]}
+    assert by["student"]["parameters"] == by["base"]["parameters"] == by["slow"]["parameters"] > 0
     lines = [json.loads(x) for x in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and all(x["prompt_hash"].startswith("sha256:") for x in lines)
-    assert res["parameters"]["student"] == res["parameters"]["base"] > 0
+    assert all(f"{name}_output" in lines[0] and f"{name}_correct" in lines[0] for name in roles)
+
+
+def _completion_token_accuracy(model_dir, rows) -> float:
+    """Teacher-forced next-token accuracy on the assistant turns of `rows`: how well a model reproduces them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hit = total = 0
+    for r in rows:
+        prompt = tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(r["messages"], tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            pred = model(torch.tensor([ids])).logits[0].argmax(-1)
+        target = torch.tensor(ids[len(p_ids):])
+        hit += int((pred[len(p_ids) - 1:len(ids) - 1] == target).sum())
+        total += len(target)
+    return hit / total
+
+
+def test_the_student_learned_its_training_data(finished_run, tiny_models):
+    """Distillation did something: the student reproduces the teacher's answers better than its base does."""
+    _, run, _, _ = finished_run
+    rows = pq.read_table(run / "data" / "generated.parquet").to_pylist()
+    base = _completion_token_accuracy(tiny_models["base"], rows)
+    student = _completion_token_accuracy(run / "student", rows)
+    assert student > base + 0.2, (student, base)
 
 
 def test_rerun_skips_finished_stages_and_force_redoes(finished_run):
@@ -102,8 +145,11 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     url = (run / "report.html").resolve().as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert 'id="chart"' in dom and "data:image/png;base64," in dom
-    assert f"{100 * res['accuracy']['teacher']:.1f}%" in dom and f"{100 * res['accuracy']['student']:.1f}%" in dom
+    acc = {m["name"]: m["accuracy"] for m in res["models"]}
+    assert f"{100 * acc['teacher']:.1f}%" in dom and f"{100 * acc['student']:.1f}%" in dom
     assert "Stage timings" in dom and "generate" in dom
+    for name in ("slow", "ctrl"):  # every model in the run is drawn, whatever its name and role
+        assert f"<td>{name}</td>" in dom
     shot = tmp_path / "shot.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", url],
                    capture_output=True, timeout=120)
@@ -121,19 +167,21 @@ def test_model_card_and_ledger_cli(finished_run):
     assert "Teacher's terms: **Unknown terms**" in card and "intended use: **research**" in card
     out = subprocess.run([*STILLHOUSE, "ledger", "stats", str(recipe), "--json"], cwd=root, capture_output=True, text=True)
     st = json.loads(out.stdout)
-    # 12 answers for training and 6 for the teacher's evaluation: every teacher call is in the ledger, once
-    assert {(p["stage"], p["calls"]) for p in st["by_stage_model"]} == {("generate", 12), ("evaluate", 6)}
-    assert st["sessions"]["calls_made"] == 18
+    # 12 answers for training, then 6 evaluation answers from each of 5 models (teacher, base, two students, the
+    # control, which is the base again and so answers from the cache): every model call is in the ledger, once
+    assert sum(p["calls"] for p in st["by_stage_model"] if p["stage"] == "generate") == 12
+    assert sum(p["calls"] for p in st["by_stage_model"] if p["stage"] == "evaluate") == 6 * 4
+    assert st["sessions"]["calls_made"] == 12 + 6 * 4 and st["failed"] == 0
     out = subprocess.run([*STILLHOUSE, "ledger", "export", str(run)], cwd=root, capture_output=True, text=True)
-    assert len(out.stdout.splitlines()) == 18 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
+    assert len(out.stdout.splitlines()) == 36 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
     out = subprocess.run([*STILLHOUSE, "ledger", "path", str(run)], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip().endswith("ledger.db")
 
 
 def test_served_teacher_path_through_a_real_server(tiny_models, tmp_path):
     """The demo's served-teacher path in miniature: a teacher behind `stillhouse serve` (own process), generate over HTTP."""
-    from stillhouse.generate import generate
-    from stillhouse.pipeline import open_run
+    from tests.conftest import generate
+    from stillhouse.stages import open_run
     from stillhouse.recipe import parse_recipe
     from stillhouse.serve import subprocess_server
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from stillhouse.calls import derive_seed
 from stillhouse.errors import StillhouseError
-from stillhouse.generate import generate
-from stillhouse.ledger import Ledger
-from stillhouse.pipeline import open_run
+from tests.conftest import generate
+from stillhouse.calls import Ledger
+from stillhouse.stages import open_run
 from stillhouse.recipe import parse_recipe
 from tests.conftest import STILLHOUSE
 from tests.fake_openai import FAULTS, FakeOpenAI, expected_answer
@@ -63,7 +64,9 @@ def test_every_fault_survived_each_sample_exactly_once(tmp_path):
     assert len(rows) == 60 and len({x["ledger_key"] for x in rows}) == 60
     for x in rows:
         user = x["messages"][0]["content"]
-        assert x["messages"][-1]["content"] == expected_answer([{"role": "user", "content": user}], 3)
+        # the server saw the per-request seed derived from the call's key (which holds the recipe's seed, 3)
+        assert x["messages"][-1]["content"] == expected_answer([{"role": "user", "content": user}],
+                                                               derive_seed(x["ledger_key"]))
         assert x["reported_model"] == "fake-teacher-2026-01-01" and x["system_fingerprint"] == "fp_fake01"
         assert x["reasoning"] == f"reading {len(user)} chars"
     assert m["counts"]["calls_made"] == 60 and m["counts"]["cache_hits"] == 0

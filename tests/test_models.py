@@ -6,25 +6,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillhouse.demo import world
 from stillhouse.demo.build import BuildConfig, build, heldout_accuracy
-from stillhouse.models import PACKAGED, count_parameters
+from stillhouse.models import count_parameters, packaged
 
 
 def test_shipped_models_sizes_and_manifests():
-    atlas, base = PACKAGED / "atlas", PACKAGED / "base"
+    atlas, base = packaged()["atlas"], packaged()["base"]
     na, nb = count_parameters(str(atlas)), count_parameters(str(base))
     assert nb <= na / 4
     assert (atlas / "model.safetensors").stat().st_size <= 20 * 2**20
     m = json.loads((atlas / "stillhouse_build.json").read_text())
     assert m["parameters"] == na and min(m["heldout_accuracy"].values()) >= 0.9
-    mb = json.loads((base / "stillhouse_build.json").read_text())
-    assert max(mb["heldout_accuracy"].values()) <= 0.05  # the base does not know the tasks
     tok = AutoTokenizer.from_pretrained(atlas)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
 def test_shipped_atlas_is_good_on_heldout():
-    acc = heldout_accuracy(PACKAGED / "atlas", per_family=4, seed=123)
+    acc = heldout_accuracy(packaged()["atlas"], per_family=4, seed=123)
     assert min(acc.values()) >= 0.75 and sum(acc.values()) / len(acc) >= 0.9, acc
+
+
+def test_shipped_base_does_not_know_the_tasks():
+    """Measured, not read from the build manifest: the base has to learn every family from the teacher."""
+    acc = heldout_accuracy(packaged()["base"], per_family=4, seed=123)
+    assert set(acc) == set(world.FAMILIES) and max(acc.values()) <= 0.25, acc
 
 
 def test_build_teacher_and_base_code_paths_at_toy_scale(tmp_path):

@@ -28,7 +28,7 @@ def test_defaults_filled_and_dump_roundtrips():
     (GOOD.replace("hf:stillhouse", "hff:stillhouse"), "r.yaml:3: teacher.spec: unknown teacher backend 'hff'"),
     (GOOD + "prompts:\n  source: /nope/prompts.jsonl\n", "r.yaml:7: prompts.source: file '/nope/prompts.jsonl' does not exist"),
     ("name: t\nteacher: [\n", "r.yaml:3: invalid YAML"),
-    ("name: t\nteacher:\n  spec: hf:x\n", "r.yaml:1: student: required field is missing"),
+    ("name: t\nteacher:\n  spec: hf:x\n", "r.yaml:1: recipe: a recipe needs a student"),
     ("- a\n- b\n", "r.yaml: a recipe must be a YAML mapping"),
 ])
 def test_bad_recipes_name_the_field_and_line(text, expected):

@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from stillhouse.train import sft
+from stillhouse.train.sft import sft
 
 
 def _rows(n):

@@ -12,8 +12,6 @@ from stillhouse.errors import StillhouseError
 
 app = typer.Typer(help="Distil a teacher language model into a small open student, and audit models for distillation.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-demo_app = typer.Typer(help="The embedded tiny world: run the demo, or rebuild its models.", invoke_without_command=True)
-app.add_typer(demo_app, name="demo")
 
 RecipeArg = typer.Argument(..., help="path to a recipe YAML file", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="redo stages even if they finished with the same inputs")
@@ -27,12 +25,11 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _headline(h: dict) -> None:
+def print_headline(h: dict) -> None:
+    """The run's headline on the console: every evaluated model with its role, accuracy and share of the teacher."""
     from stillhouse.ui import console
 
     def pct(x):
@@ -41,49 +38,59 @@ def _headline(h: dict) -> None:
     def params(n):
         return "" if n is None else f" ({n / 1e6:.2f}M params)"
 
-    console.print(f"\n[bold]report[/]: {h['report']}")
-    console.print(
-        f"teacher accuracy [bold]{pct(h['teacher_accuracy'])}[/]{params(h['teacher_parameters'])}  "
-        f"student accuracy [bold]{pct(h['student_accuracy'])}[/]{params(h['student_parameters'])}  "
-        f"share kept [bold]{pct(h['share_kept'])}[/]  base before distillation {pct(h['base_accuracy'])}  "
-        f"total wall time {h['wall_seconds']:.0f} s")
+    if h.get("report"):
+        console.print(f"\n[bold]report[/]: {h['report']}")
+    for m in h["models"]:
+        kept = f"  share of teacher kept [bold]{pct(m['share_kept'])}[/]" if m["role"] != "teacher" else ""
+        console.print(f"{m['role']:>8} [bold]{m['name']}[/]: accuracy [bold]{pct(m['accuracy'])}[/]"
+                      f"{params(m['parameters'])}{kept}")
+    if h.get("wall_seconds") is not None:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in h["stage_seconds"].items())
+        console.print(f"total wall time {h['wall_seconds']:.0f} s ({stages})")
 
 
 @app.command()
 def run(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
-    """Run every stage of RECIPE: generate, train, evaluate, report."""
-    from stillhouse.pipeline import run_all
+    """Run every stage of RECIPE in dependency order (generate, train, evaluate, report, and any plug-in's)."""
     from stillhouse.recipe import load_recipe
+    from stillhouse.stages import run_all
 
-    _headline(run_all(load_recipe(recipe), force=force))
+    print_headline(run_all(load_recipe(recipe), force=force))
 
 
-def _stage_command(stage: str, doc: str) -> None:
-    def cmd(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
-        from stillhouse.pipeline import run_stage
+def _stage_command(name: str, stage) -> None:
+    """A subcommand `stillhouse NAME RECIPE [--force] [the stage's flags]` for a registered stage."""
+    import inspect
+
+    params = [inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RecipeArg, annotation=Path),
+              inspect.Parameter("force", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=ForceOpt, annotation=bool)]
+    for flag, help_text in stage.flags.items():
+        params.append(inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=bool,
+                                        default=typer.Option(False, "--" + flag.replace("_", "-"), help=help_text)))
+
+    def cmd(recipe: Path, force: bool = False, **flags: bool) -> None:
         from stillhouse.recipe import load_recipe
+        from stillhouse.stages import run_stage
 
-        run_stage(stage, load_recipe(recipe), force=force)
+        run_stage(name, load_recipe(recipe), force=force, **flags)
 
-    cmd.__doc__ = doc
-    app.command(name=stage)(cmd)
-
-
-@app.command()
-def generate(recipe: Path = RecipeArg, force: bool = ForceOpt,
-             dry_run: bool = typer.Option(False, "--dry-run", help="print the calls and worst-case cost; make none")) -> None:
-    """Have the teacher answer the prompt set → data/generated.parquet (every call through the ledger)."""
-    from stillhouse.generate import generate as run_generate
-    from stillhouse.pipeline import open_run
-    from stillhouse.recipe import load_recipe
-
-    r = load_recipe(recipe)
-    run_generate(r, open_run(r), force=force, dry_run=dry_run)
+    cmd.__signature__ = inspect.Signature(params)
+    cmd.__doc__ = stage.summary or f"Run the {name} stage of RECIPE."
+    app.command(name=name)(cmd)
 
 
-_stage_command("train", "Train the student on the generated data → student/.")
-_stage_command("evaluate", "Score teacher, base and student on the held-out benchmark → eval/.")
-_stage_command("report", "Write report.html from the run directory.")
+def _add_plugin_commands() -> None:
+    """One subcommand per registered stage, then every `stillhouse.cli` plug-in's commands (the demo's among them)."""
+    from stillhouse.registry import Registry
+    from stillhouse.stages import ordered_stages
+
+    taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    for stage in ordered_stages():
+        if stage.name in taken:
+            raise StillhouseError(f"stage {stage.name!r} clashes with the built-in command of that name")
+        _stage_command(stage.name, stage)
+    for _, add_commands in Registry("stillhouse.cli", "command plug-in"):
+        add_commands(app)
 
 
 @app.command("serve")
@@ -197,7 +204,7 @@ def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "
 
     from rich.table import Table
 
-    from stillhouse.ledger import Ledger
+    from stillhouse.calls import Ledger
     from stillhouse.ui import console
 
     led = Ledger(_ledger_path(target))
@@ -206,16 +213,24 @@ def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "
     if as_json:
         print(json.dumps(st, indent=2))
         return
-    t = Table(title=f"ledger: {st['calls']} calls, ${st['cost_usd']:.4f}")
-    for col in ("stage", "model", "calls", "prompt tokens", "completion tokens", "cost USD", "mean latency s"):
+    t = Table(title=f"ledger: {st['calls']} calls, {st['failed']} failed, ${st['cost_usd']:.4f}")
+    for col in ("stage", "model", "calls", "failed", "prompt tokens", "completion tokens", "cost USD", "mean latency s"):
         t.add_column(col)
     for p in st["by_stage_model"]:
-        t.add_row(p["stage"], p["model"], str(p["calls"]), f"{p['prompt_tokens']:,}", f"{p['completion_tokens']:,}",
+        t.add_row(p["stage"], p["model"], str(p["calls"]), str(p["failed"]), f"{p['prompt_tokens']:,}",
+                  f"{p['completion_tokens']:,}",
                   f"{p['cost_usd'] or 0:.4f}", "-" if p["mean_latency_s"] is None else f"{p['mean_latency_s']:.3f}")
     console.print(t)
     s = st["sessions"]
     console.print(f"{s['runs']} runs asked for {s['requested']} calls: {s['cache_hits']} cache hits, "
                   f"{s['calls_made']} made, {s['failed']} failed")
+    if st["failed"]:
+        led = Ledger(_ledger_path(target))
+        for f in led.failures()[:5]:
+            console.print(f"[red]failed[/] {f['stage']} {f['model']} after {f['attempts']} attempts: {f['error']}",
+                          highlight=False)
+        led.close()
+        console.print(f"{st['failed']} calls failed for good and have not succeeded since; re-run the stage to retry them")
 
 
 @ledger_app.command("export")
@@ -223,7 +238,7 @@ def ledger_export(target: Path = TargetArg) -> None:
     """Every call as JSON lines on stdout."""
     import json
 
-    from stillhouse.ledger import Ledger
+    from stillhouse.calls import Ledger
 
     led = Ledger(_ledger_path(target))
     for row in led.export():
@@ -231,84 +246,12 @@ def ledger_export(target: Path = TargetArg) -> None:
     led.close()
 
 
-@demo_app.callback()
-def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="run directory"), force: bool = ForceOpt,
-         in_process: bool = typer.Option(False, "--in-process",
-                                         help="run Atlas inside this process (the `hf` backend) instead of serving it")
-         ) -> None:
-    """Distil Atlas, the embedded teacher, into the embedded base model, then evaluate and report.
-
-    Atlas is served the way a provider serves a model: `stillhouse serve` with a watermark key,
-    in its own process on a free local port, and the recipe's teacher becomes that endpoint
-    (the `openai` backend, as for any hosted teacher). The server is stopped at the end, on
-    failure and on Ctrl-C too. With --in-process the recipe runs as written, Atlas loaded by
-    the `hf` backend.
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from stillhouse.demo import DEMO_RECIPE
-    from stillhouse.pipeline import run_all
-    from stillhouse.recipe import load_recipe
-    from stillhouse.ui import console
-
-    overrides = {"run_dir": str(out)}
-    if in_process:
-        _headline(run_all(load_recipe(DEMO_RECIPE, overrides=overrides), force=force))
-        return
-    from stillhouse.models import PACKAGED, count_parameters
-    from stillhouse.serve import subprocess_server
-    from stillhouse.watermark import keygen
-
-    key = out / "atlas-watermark-key.json"  # the provider's secret; kept so later audits can use it
-    if not key.exists():
-        keygen(key)
-    recipe = load_recipe(DEMO_RECIPE, overrides=overrides)
-    with subprocess_server("stillhouse:atlas", "--model-name", "atlas", "--watermark", str(key),
-                           "--max-batch", "256") as url:
-        console.print(f"Atlas served at {url} with watermark key {key}")
-        teacher = recipe.teacher.model_dump()
-        teacher.update(spec="openai:atlas", options={"base_url": url, "concurrency": 256, "timeout": 600,
-                                                     "api_key_required": False},
-                       parameters=count_parameters(str(PACKAGED / "atlas")))
-        recipe = load_recipe(DEMO_RECIPE, overrides={**overrides, "teacher": teacher})
-        _headline(run_all(recipe, force=force))
-
-
-def _build(kind: str, out: Path, steps: int | None, device: str | None) -> None:
-    import dataclasses
-
-    from stillhouse.demo.build import DEFAULT_BUILDS, build
-    from stillhouse.ui import console
-
-    cfg = DEFAULT_BUILDS[kind]
-    if steps is not None:
-        if steps < 1:
-            raise StillhouseError(f"--steps must be at least 1, not {steps}")
-        cfg = dataclasses.replace(cfg, steps=steps)
-    build(kind, out, cfg, device=device, log=console.print)
-
-
-@demo_app.command("build-teacher")
-def build_teacher(out: Path = typer.Option(..., help="directory to write Atlas to"),
-                  steps: int = typer.Option(None, help="training steps (default: as shipped)"),
-                  device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
-    """Train Atlas, the tiny world's teacher, from scratch (deterministic from its seed)."""
-    _build("atlas", out, steps, device)
-
-
-@demo_app.command("build-base")
-def build_base(out: Path = typer.Option(..., help="directory to write the base model to"),
-               steps: int = typer.Option(None, help="training steps (default: as shipped)"),
-               device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
-    """Pretrain the student's base model on the tiny world's plain text (no chat, no tasks)."""
-    _build("base", out, steps, device)
-
-
 def main() -> None:
     _quiet_libraries()
     from stillhouse.ui import console
 
     try:
+        _add_plugin_commands()
         app(standalone_mode=False)
     except StillhouseError as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)

@@ -5,21 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from stillhouse.errors import StillhouseError
+from stillhouse.registry import Registry
 
-PACKAGED = Path(__file__).parent / "demo" / "assets"
+PACKAGES: Registry = Registry("stillhouse.packaged_models", "model package")
+
+
+def packaged() -> dict[str, Path]:
+    """Every model shipped by an installed package (entry-point group `stillhouse.packaged_models`: a function
+    returning `{name: directory}`), by the name `stillhouse:NAME` refers to it."""
+    out: dict[str, Path] = {}
+    for _, fn in PACKAGES:
+        out.update(fn())
+    return out
 
 
 def resolve_model(ref: str) -> str:
     """Turn a model reference into something `from_pretrained` accepts; raise if a local one is missing."""
     if ref.startswith("stillhouse:"):
         name = ref.split(":", 1)[1]
-        path = PACKAGED / name
-        if not (path / "config.json").is_file():
-            known = sorted(p.name for p in PACKAGED.iterdir() if (p / "config.json").is_file()) if PACKAGED.is_dir() else []
-            raise StillhouseError(f"no packaged model {name!r}; packaged: {', '.join(known) or 'none'}")
-        return str(path)
+        known = packaged()
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+            raise StillhouseError(f"no packaged model {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                  + f" (packaged: {', '.join(sorted(known)) or 'none'})")
+        return str(known[name])
     p = Path(ref).expanduser()
     if p.exists():
+        if not p.is_dir():
+            raise StillhouseError(f"{ref!r} is a file, not a Hugging Face model directory")
         if not (p / "config.json").is_file():
             raise StillhouseError(f"{ref!r} is not a Hugging Face model directory (no config.json)")
         return str(p)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stillhouse.errors import StillhouseError
 
@@ -33,16 +33,13 @@ class TeacherSpec(_Strict):
     parameters: int | None = Field(None, ge=1, description="the teacher's size, for reports, when it cannot be read "
                                                           "from a local checkpoint (an API teacher)")
 
-    # Options that say how to reach the teacher, not what it answers: a stage finished through one
-    # endpoint (or port, or concurrency) is still finished when the same teacher is reached another way.
-    TRANSPORT_OPTIONS: ClassVar[frozenset] = frozenset({"base_url", "api_key_env", "api_key_required", "concurrency", "timeout",
-                                   "max_attempts"})
-
     def identity(self) -> dict:
-        """This teacher as a finished stage's config records it: without the transport options."""
-        d = self.model_dump()
-        d["options"] = {k: v for k, v in d["options"].items() if k not in self.TRANSPORT_OPTIONS}
-        return d
+        """This teacher as a finished stage's config records it: what determines its answers (the model, its
+        weights when local, every non-transport option), never how it is reached (endpoint, port, concurrency)."""
+        from stillhouse.teachers import answer_identity
+
+        return {"answers": answer_identity(self.spec, self.options), "price": self.price and self.price.model_dump(),
+                "terms": self.terms}
 
     @field_validator("terms")
     @classmethod
@@ -59,10 +56,15 @@ class TeacherSpec(_Strict):
 
     @field_validator("options")
     @classmethod
-    def _no_inline_keys(cls, v: dict) -> dict:
+    def _check_options(cls, v: dict, info: ValidationInfo) -> dict:
         if "api_key" in v:
             raise ValueError("put the key in an environment variable and name it with api_key_env; "
                              "a key in a recipe would be copied into the run directory")
+        spec = info.data.get("spec")
+        if spec:  # (a bad spec has its own error)
+            from stillhouse.teachers import parse_options, parse_spec
+
+            parse_options(parse_spec(spec)[0], v)
         return v
 
     @field_validator("spec")
@@ -74,18 +76,25 @@ class TeacherSpec(_Strict):
         return v
 
 
-def _existing_file(v: str) -> str:
-    if v != "world" and not Path(v).is_file():
-        raise ValueError(f"file {v!r} does not exist")
-    return v
+def _prompt_source(v: str) -> str:
+    from stillhouse.sources import PROMPT_SOURCES, check_source
+
+    return check_source(v, PROMPT_SOURCES)
+
+
+def _benchmark(v: str) -> str:
+    from stillhouse.sources import BENCHMARKS, check_source
+
+    return check_source(v, BENCHMARKS)
 
 
 class PromptsSpec(_Strict):
-    source: str = Field("world", description="'world' (the built-in task world's train split) or a .jsonl/.parquet path")
+    source: str = Field("world", description="a registered prompt source (the demo world registers 'world') or a "
+                                             ".jsonl/.parquet file with a 'prompt' or 'messages' per row")
     n: int | None = Field(2000, ge=1, description="how many prompts to use (all of a file when null)")
     seed: int = 0
 
-    _check_source = field_validator("source")(classmethod(lambda cls, v: _existing_file(v)))
+    _check_source = field_validator("source")(classmethod(lambda cls, v: _prompt_source(v)))
 
 
 class GenerationSpec(_Strict):
@@ -94,10 +103,6 @@ class GenerationSpec(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     samples_per_prompt: int = Field(1, ge=1)
-
-
-class StudentSpec(_Strict):
-    base: str = Field(description="the student's starting model: a local HF directory, a hub name, or stillhouse:NAME")
 
 
 class LoraSpec(_Strict):
@@ -119,13 +124,43 @@ class TrainSpec(_Strict):
     lora: LoraSpec | None = None
 
 
+class StudentSpec(_Strict):
+    name: str = Field("student", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="names the student in results and its directory: student/ for 'student', "
+                                  "else students/NAME/")
+    base: str = Field(description="the student's starting model: a local HF directory, a hub name, or stillhouse:NAME")
+    train: TrainSpec | None = Field(None, description="this student's training settings (default: the train section)")
+
+    @field_validator("base")
+    @classmethod
+    def _check_base(cls, v: str) -> str:
+        from stillhouse.models import resolve_model
+
+        try:
+            resolve_model(v)
+        except StillhouseError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+class ControlSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field(description="BACKEND:MODEL, or a local model directory (served in-process by the hf backend)")
+    options: dict[str, Any] = Field(default_factory=dict)
+    role: Literal["control"] = "control"
+
+    def spec(self) -> str:
+        return self.model if ":" in self.model and not Path(self.model).exists() else f"hf:{self.model}"
+
+
 class EvaluateSpec(_Strict):
-    benchmark: str = Field("world", description="'world' (the task world's held-out split) or a .jsonl with prompt/answer/family")
+    benchmark: str = Field("world", description="a registered benchmark (the demo world registers 'world') or a .jsonl "
+                                                "with prompt/answer/family")
     n_per_family: int = Field(40, ge=1)
     max_tokens: int = Field(128, ge=1)
     seed: int = 0
 
-    _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _existing_file(v)))
+    _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _benchmark(v)))
 
 
 class UseSpec(_Strict):
@@ -140,16 +175,40 @@ class Recipe(_Strict):
     teacher: TeacherSpec
     prompts: PromptsSpec = Field(default_factory=PromptsSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    student: StudentSpec
+    student: StudentSpec | None = Field(None, description="one student (shorthand for a one-item students list)")
+    students: list[StudentSpec] = Field(default_factory=list, description="every student the run trains")
+    controls: list[ControlSpec] = Field(default_factory=list, description="models evaluated beside the students")
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     use: UseSpec = Field(default_factory=UseSpec)
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True,
+                                       description="sections of third-party stages, validated by their models")
+
+    @model_validator(mode="after")
+    def _one_list_of_students(self) -> "Recipe":
+        if self.student is not None:
+            if self.students:
+                raise ValueError("give either student or students, not both")
+            self.students, self.student = [self.student], None
+        if not self.students:
+            raise ValueError("a recipe needs a student (student: {base: ...}) or a students list")
+        names = [s.name for s in self.students] + [c.name for c in self.controls]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"teacher"} & set(names)))
+        if dup:
+            raise ValueError(f"model names must be unique and not 'teacher': {', '.join(dup)}")
+        return self
+
+    def train_for(self, student: StudentSpec) -> TrainSpec:
+        return student.train or self.train
 
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json", exclude={"student"})
+        for k, v in self.extensions.items():
+            data[k] = v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -183,6 +242,32 @@ def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
     return _line_of(root, loc)
 
 
+def _fail(err: dict, root: yaml.Node | None, source: str, prefix: tuple = (), model: type[BaseModel] | None = None):
+    loc = prefix + tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "recipe"
+    line = _key_line(root, loc) if err["type"] == "extra_forbidden" else _line_of(root, loc)
+    where = f"{source}:{line}" if line else source
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        import difflib
+
+        known = _known_fields(tuple(err["loc"])[:-1], model or Recipe)
+        if not prefix and len(loc) == 1:
+            from stillhouse.stages import section_models
+
+            known = known + sorted(section_models())
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        msg = f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (known: {', '.join(known)})"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        got = err.get("input")
+        msg = f"{msg} (got {got!r})" if "input" in err and not isinstance(got, dict) and repr(got) not in msg else msg
+    if not loc:  # a whole-recipe rule (model validator)
+        field = "recipe"
+    raise StillhouseError(f"{where}: {field}: {msg}") from None
+
+
 def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = None) -> Recipe:
     """Validate recipe text; raise StillhouseError naming the field and line on any problem."""
     try:
@@ -192,47 +277,69 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = N
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise StillhouseError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        raise StillhouseError(f"{source}: the recipe is empty; it needs at least name, teacher and student")
     if not isinstance(data, dict):
         raise StillhouseError(f"{source}: a recipe must be a YAML mapping of sections (name, teacher, student, ...)")
     for k, v in (overrides or {}).items():
         data[k] = v
+    # Sections of registered third-party stages are validated by the stage's own model.
+    extensions = {}
+    plugin_sections = None
+    for key in [k for k in data if k not in Recipe.model_fields]:
+        if plugin_sections is None:
+            from stillhouse.stages import section_models
+
+            plugin_sections = section_models()
+        if key in plugin_sections:
+            model, value = plugin_sections[key], data.pop(key)
+            if model is not None:
+                try:
+                    value = model.model_validate(value if value is not None else {})
+                except ValidationError as e:
+                    _fail(e.errors()[0], root, source, (key,), model)
+            extensions[key] = value
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(p for p in err["loc"])
-        field = ".".join(str(p) for p in loc) or "recipe"
-        line = _key_line(root, loc) if err["type"] == "extra_forbidden" else _line_of(root, loc)
-        where = f"{source}:{line}" if line else source
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            known = _known_fields(loc[:-1])
-            import difflib
-
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            msg = f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (known: {', '.join(known)})"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        else:
-            got = err.get("input")
-            msg = f"{msg} (got {got!r})" if "input" in err and not isinstance(got, dict) and repr(got) not in msg else msg
-        raise StillhouseError(f"{where}: {field}: {msg}") from None
+        _fail(e.errors()[0], root, source)
+    recipe.extensions = extensions
+    return recipe
 
 
-def _known_fields(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Recipe
+def _known_fields(loc: tuple, model: type[BaseModel]) -> list[str]:
     for key in loc:
+        if isinstance(key, int) or key not in model.model_fields:
+            continue
         ann = model.model_fields[key].annotation
-        for cand in getattr(ann, "__args__", ()) or (ann,):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-    return list(model.model_fields)
+        for cand in _model_args(ann):
+            model = cand
+            break
+    return [f for f in model.model_fields if f != "extensions"]
+
+
+def _model_args(ann) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation such as `X | None` or `list[X]`."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in getattr(ann, "__args__", ()) or () for m in _model_args(a)]
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Read and validate a recipe file. Relative paths in it are taken relative to the current directory."""
     p = Path(path)
+    if p.is_dir():
+        raise StillhouseError(f"{str(p)!r} is a directory; give the path of a recipe YAML file")
     if not p.is_file():
         raise StillhouseError(f"recipe file {str(p)!r} does not exist")
-    return parse_recipe(p.read_text(), str(p), overrides)
+    raw = p.read_bytes()
+    if b"\0" in raw[:8192]:
+        raise StillhouseError(f"{p}: a binary file, not a recipe (a recipe is YAML text)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise StillhouseError(f"{p}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the recipe as UTF-8") from None
+    if not text.strip():
+        raise StillhouseError(f"{p}: the recipe is empty; it needs at least name, teacher and student")
+    return parse_recipe(text, str(p), overrides)

@@ -15,9 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("generate", "train", "evaluate", "report")
-
-
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -61,9 +58,14 @@ class RunDir:
     ledger = property(lambda self: self.root / "ledger.db")
     generated = property(lambda self: self.root / "data" / "generated.parquet")
     student = property(lambda self: self.root / "student")
+    curated = property(lambda self: self.root / "data" / "curated.parquet")
     results = property(lambda self: self.root / "eval" / "results.json")
     samples = property(lambda self: self.root / "eval" / "samples.jsonl")
     report = property(lambda self: self.root / "report.html")
+
+    def student_dir(self, name: str) -> Path:
+        """Where student `name` is saved: `student/` for the one named "student", else `students/<name>/`."""
+        return self.student if name == "student" else self.root / "students" / name
 
     def manifest_path(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
@@ -87,23 +89,35 @@ class RunDir:
 
     def finish(self, stage: str, started: float, inputs: dict, config: Any, outputs: dict, counts: dict,
                extra: dict | None = None) -> dict:
-        """Write the stage's manifest, last, after every artifact is in place."""
+        """Write the stage's manifest, last, after every artifact is in place.
+
+        `outputs` maps an artifact name to a path or a list of paths; the manifest records a hash of each.
+        """
         m = {
             "stage": stage, "inputs": inputs, "config": config, "config_hash": tagged_hash(config),
-            "outputs": {k: hash_path(v) for k, v in outputs.items()}, "counts": counts,
-            "started": started, "finished": time.time(), "seconds": round(time.time() - started, 2), **(extra or {}),
+            "outputs": {k: _hash_output(v) for k, v in outputs.items()},
+            "paths": {k: [str(Path(p).relative_to(self.root)) if Path(p).is_relative_to(self.root) else str(p)
+                          for p in (v if isinstance(v, list) else [v])] for k, v in outputs.items()},
+            "counts": counts, "started": started, "finished": time.time(), "seconds": round(time.time() - started, 2),
+            **(extra or {}),
         }
         atomic_write_text(self.manifest_path(stage), json.dumps(m, indent=2, default=str) + "\n")
         return m
 
-    def require(self, stage: str, needed_by: str) -> dict:
-        from stillhouse.errors import StillhouseError
-
-        m = self.manifest(stage)
-        if m is None:
-            raise StillhouseError(f"{needed_by} needs the {stage} stage's output in {self.root}, which is missing or "
-                                  f"unfinished; run `stillhouse {stage}` first")
-        return m
+    def manifests(self) -> list[dict]:
+        """Every finished stage's manifest, in the order the stages started."""
+        found = []
+        for p in sorted((self.root / "stages").glob("*.json")):
+            m = self.manifest(p.stem)
+            if m is not None:
+                found.append(m)
+        return sorted(found, key=lambda m: m.get("started", 0))
 
     def timings(self) -> dict[str, float]:
-        return {s: m["seconds"] for s in STAGES if (m := self.manifest(s))}
+        return {m["stage"]: m["seconds"] for m in self.manifests()}
+
+
+def _hash_output(v) -> str:
+    if isinstance(v, list):
+        return tagged_hash([hash_path(p) for p in v])
+    return hash_path(v)

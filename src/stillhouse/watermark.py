@@ -37,20 +37,35 @@ def keygen(path: str | Path, *, greenlist_ratio: float = 0.25, bias: float = 2.0
     return key
 
 
-def load_config(path: str | Path):
-    """The `transformers.WatermarkingConfig` a key file describes."""
-    from transformers import WatermarkingConfig
-
+def read_key(path: str | Path) -> dict:
+    """A key file's scheme and secret; StillhouseError naming the file when it is not one."""
     p = Path(path)
     try:
         key = json.loads(p.read_text())
     except FileNotFoundError:
         raise StillhouseError(f"watermark key file {str(p)!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise StillhouseError(f"{p}: not a watermark key file ({e.msg})") from None
-    missing = [f for f in _FIELDS if f not in key]
-    if key.get("scheme") != "kgw" or missing:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StillhouseError(f"{p}: not a watermark key file ({getattr(e, 'msg', None) or 'not UTF-8 text'})") from None
+    missing = [f for f in _FIELDS if f not in key] if isinstance(key, dict) else list(_FIELDS)
+    if not isinstance(key, dict) or key.get("scheme") != "kgw" or missing:
         raise StillhouseError(f"{p}: not a watermark key file (missing {', '.join(missing) or 'scheme: kgw'})")
+    return key
+
+
+def key_identity(path: str | Path) -> str:
+    """A hash of the key's scheme and secret: what a watermarked model's cached answers depend on (the
+    file's contents, not its path; the hash does not reveal the secret)."""
+    from stillhouse.rundir import tagged_hash
+
+    key = read_key(path)
+    return tagged_hash({"scheme": key["scheme"], **{f: key[f] for f in _FIELDS}})
+
+
+def load_config(path: str | Path):
+    """The `transformers.WatermarkingConfig` a key file describes."""
+    from transformers import WatermarkingConfig
+
+    key = read_key(path)
     return WatermarkingConfig(**{f: key[f] for f in _FIELDS})
 
 

@@ -1,5 +1,32 @@
-"""The embedded tiny world: tasks with verifiable answers, a local tokenizer, Atlas and the base model."""
+"""The embedded tiny world: tasks with verifiable answers, a local tokenizer, Atlas and the base model.
+
+It plugs into stillhouse like any user's package, through entry points (pyproject.toml):
+its prompt source and benchmark (`world`), its packaged models (`stillhouse:atlas`,
+`stillhouse:base`) and its CLI commands (`stillhouse demo ...`). Nothing outside this
+folder imports it.
+"""
 
 from pathlib import Path
 
 DEMO_RECIPE = Path(__file__).parent / "recipe.yaml"
+ASSETS = Path(__file__).parent / "assets"
+
+
+def packaged_models() -> dict[str, Path]:
+    """The models this package ships, by the name `stillhouse:NAME` refers to them."""
+    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()} if ASSETS.is_dir() else {}
+
+
+def world_prompts(n: int, seed: int) -> list[list[dict]]:
+    """The `world` prompt source: `n` prompts of the world's train split, one user turn each."""
+    from stillhouse.demo import world
+
+    return [[{"role": "user", "content": t.prompt}] for t in world.sample_tasks(n, "train", seed)]
+
+
+def world_benchmark(n_per_family: int, seed: int) -> list[dict]:
+    """The `world` benchmark: `n_per_family` held-out items of every family."""
+    from stillhouse.demo import world
+
+    tasks = world.sample_tasks(n_per_family * len(world.FAMILIES), "heldout", seed)
+    return [{"family": t.family, "prompt": t.prompt, "answer": t.answer} for t in tasks]

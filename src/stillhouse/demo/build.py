@@ -127,13 +127,20 @@ def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: C
 
 
 def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, device: str | None = None) -> dict[str, float]:
-    """Greedy held-out accuracy per family, scored by the evaluate stage's own code."""
-    from stillhouse.evaluate import accuracy_by_family, score
+    """Greedy held-out accuracy per family: the local engine's answers, checked by the evaluate stage's verifier."""
+    from stillhouse.evaluate import accuracy_by_family
+    from stillhouse.teachers import Request, load_backend
+    from stillhouse.verify import exact_match
 
-    items = [{"family": t.family, "prompt": t.prompt, "answer": t.answer}
-             for t in world.sample_tasks(per_family * len(world.FAMILIES), "heldout", seed)]
-    rows, _ = score(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256}, items, 96, "held-out")
-    acc = accuracy_by_family(items, rows)
+    tasks = world.sample_tasks(per_family * len(world.FAMILIES), "heldout", seed)
+    backend = load_backend(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256})
+    try:
+        reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=96) for t in tasks]
+        out = dict(backend.generate(reqs))
+    finally:
+        backend.close()
+    acc = accuracy_by_family([{"family": t.family} for t in tasks],
+                             [exact_match(out[i].text, t.answer) for i, t in enumerate(tasks)])
     return {f: acc[f] for f in world.FAMILIES if f in acc}
 
 

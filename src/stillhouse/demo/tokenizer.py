@@ -42,9 +42,3 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
-
-
-def save_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = build_tokenizer()
-    tok.save_pretrained(str(path))
-    return tok

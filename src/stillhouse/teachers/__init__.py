@@ -1,22 +1,33 @@
-"""Teacher backends: one small protocol, registered by name.
+"""Model backends: one small protocol, typed options, registered by name.
 
-A backend turns chat requests into completions. Built-in backends register below; a third
-party adds one with a `stillhouse.teachers` entry point whose value is a factory taking
-`(model: str, options: dict)`. A teacher spec in a recipe is `NAME:MODEL`, e.g.
-`hf:/models/Qwen2.5-7B-Instruct` or `openai:gpt-4o-mini`.
+A backend turns chat requests into completions, for a teacher, a judge, a student being
+evaluated or a suspect being audited. A spec is `NAME:MODEL`, e.g. `hf:/models/Qwen2.5-7B`
+or `openai:gpt-4o-mini`. Built-in backends register through the `stillhouse.teachers`
+entry-point group like a third party's: the entry point's value is a class (or factory)
+called as `(model: str, options: Options)` whose `Options` attribute is a pydantic model of
+its options. Options marked `transport` say how to reach the model (endpoint, concurrency,
+timeouts, batch size), never what it answers: they stay out of cache keys and stage configs.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Callable, Iterator, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stillhouse.errors import StillhouseError
+from stillhouse.registry import Registry
 
 
 @dataclass(frozen=True)
 class Request:
-    """One completion to make: a conversation, sampling parameters, and which sample of it."""
+    """One completion to make: a conversation, sampling parameters, and which sample of it.
+
+    `seed` is the recipe's; the call layer hands backends a per-request seed derived from it
+    and the request's cache key, so a sampled answer never depends on batching or order.
+    """
 
     messages: tuple[dict, ...]
     max_tokens: int = 128
@@ -43,8 +54,35 @@ class Completion:
     extra: dict = field(default_factory=dict)
 
 
+class CallFailed(Exception):
+    """A request that failed on every attempt; `reason` says why (never includes a key)."""
+
+    def __init__(self, index: int, reason: str, attempts: int):
+        super().__init__(reason)
+        self.index, self.reason, self.attempts = index, reason, attempts
+
+
+def Transport(default: Any = None, **kw: Any) -> Any:
+    """A backend option that says how to reach the model, not what it answers."""
+    return Field(default, json_schema_extra={"transport": True}, **kw)
+
+
+class BackendOptions(BaseModel):
+    """Base of every backend's options: unknown options are errors, never silent defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def transport_fields(cls) -> set[str]:
+        return {n for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("transport")}
+
+    def answer_options(self) -> dict[str, Any]:
+        """The options that can change an answer (everything but transport), as cache keys record them."""
+        return self.model_dump(mode="json", exclude=self.transport_fields())
+
+
 class Backend(Protocol):
-    """The protocol every teacher backend implements."""
+    """The protocol every backend implements."""
 
     name: str
     model: str
@@ -54,34 +92,18 @@ class Backend(Protocol):
         """Yield `(index into requests, completion)` in any order, each admitted request exactly once.
 
         `admit(i)`, when given, is asked before request i is started; a False stops new work.
-        A request that failed for good is yielded with the exception in place of a completion.
+        A request that failed for good is yielded with a `CallFailed` in place of a completion.
         """
         ...
 
     def close(self) -> None: ...
 
 
-_REGISTRY: dict[str, Callable[[str, dict], Backend]] = {}
-
-
-def register(name: str) -> Callable:
-    """Decorator: register a backend factory under `name`."""
-
-    def deco(factory: Callable[[str, dict], Backend]) -> Callable[[str, dict], Backend]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_entry_points() -> None:
-    for ep in entry_points(group="stillhouse.teachers"):
-        _REGISTRY.setdefault(ep.name, ep.load())
+BACKENDS: Registry = Registry("stillhouse.teachers", "teacher backend")
 
 
 def known_backends() -> list[str]:
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return BACKENDS.names()
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -89,17 +111,57 @@ def parse_spec(spec: str) -> tuple[str, str]:
     name, sep, model = spec.partition(":")
     if not sep or not name or not model:
         raise ValueError(f"teacher spec {spec!r} must look like BACKEND:MODEL, e.g. hf:/path/to/model or openai:gpt-4o-mini")
-    if name not in known_backends():
+    if name not in BACKENDS:
         close = difflib.get_close_matches(name, known_backends(), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known_backends())}"
         raise ValueError(f"unknown teacher backend {name!r} in {spec!r}{hint}")
     return name, model
 
 
-def load_backend(spec: str, options: dict | None = None) -> Backend:
-    """Build the backend named by a `NAME:MODEL` spec."""
+def options_model(name: str) -> type[BackendOptions] | None:
+    """The typed options of backend `name` (None for a plug-in that declares none)."""
+    return getattr(BACKENDS.get(name), "Options", None)
+
+
+def parse_options(name: str, options: dict | BaseModel | None) -> BaseModel | dict:
+    """Validate `options` for backend `name`; ValueError naming the option on any problem."""
+    model = options_model(name)
+    if isinstance(options, BaseModel) or model is None:
+        return options if options is not None else {}
+    try:
+        return model.model_validate(options or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        opt = ".".join(str(p) for p in err["loc"]) or "options"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+            raise ValueError(f"unknown option {opt!r} for the {name} backend"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (known: {', '.join(model.model_fields)})") from None
+        raise ValueError(f"option {opt!r} of the {name} backend: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def answer_identity(spec: str, options: dict | None) -> dict[str, Any]:
+    """What determines a backend's answers besides the request: the model's identity (for a local
+    model, its weights too) and every non-transport option. Cache keys and stage configs use it."""
     name, model = parse_spec(spec)
-    return _REGISTRY[name](model, options or {})
+    factory = BACKENDS.get(name)
+    opts = parse_options(name, options)
+    ident = getattr(factory, "answer_identity", None)
+    if ident is not None:
+        return ident(model, opts)
+    extra = opts.answer_options() if isinstance(opts, BackendOptions) else dict(opts)
+    return {"backend": name, "model": model, "options": extra}
+
+
+def load_backend(spec: str, options: dict | None = None) -> Backend:
+    """Build the backend named by a `NAME:MODEL` spec, its options validated."""
+    try:
+        name, model = parse_spec(spec)
+        opts = parse_options(name, options)
+    except ValueError as e:
+        raise StillhouseError(str(e)) from None
+    return BACKENDS.get(name)(model, opts)
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
@@ -108,17 +170,3 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
         head, _, rest = text.partition("</think>")
         return head[len("<think>"):], rest.lstrip("\n")
     return None, text
-
-
-@register("hf")
-def _hf(model: str, options: dict) -> Backend:
-    from stillhouse.teachers.hf import HFBackend  # imported on use: torch is slow to import
-
-    return HFBackend(model, options)
-
-
-@register("openai")
-def _openai(model: str, options: dict) -> Backend:
-    from stillhouse.teachers.openai_backend import OpenAIBackend
-
-    return OpenAIBackend(model, options)

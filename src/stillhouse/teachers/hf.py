@@ -1,144 +1,189 @@
-"""The local Hugging Face backend: batched `generate` on any causal LM directory."""
+"""The local Hugging Face backend: any causal LM directory, driven by the serve engine in-process.
+
+There is one local generation path: this backend submits its requests to the same
+continuous-batching `Engine` that `stillhouse serve` puts behind HTTP, so both share one
+end-of-sequence rule, one seeding rule (a per-request generator: a sampled answer does not
+depend on what else shares its batch) and one logprob helper.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import FIRST_COMPLETED, wait
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
-import torch
+from pydantic import Field
 
 from stillhouse.models import resolve_model
-from stillhouse.teachers import Completion, Request, split_reasoning
+from stillhouse.teachers import BackendOptions, Completion, Request, Transport, split_reasoning
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_device(requested: str | None = None) -> str:
+    import torch
+
     if requested and requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_local_lm(model: str, device: str, dtype: str = "auto"):
-    """(tokenizer with a pad token, causal LM in eval mode on `device`, weights fingerprint or None) for a local
-    model directory, `stillhouse:NAME`, or a hub name where reachable.
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return frozenset(flags)
 
-    dtype "auto" keeps the checkpoint's own: a bf16 checkpoint generates ~2x faster on CPU than in fp32.
+
+def compute_dtype(device: str, requested: str = "auto") -> tuple[str, str]:
+    """(dtype name, why) for running a model on `device`.
+
+    "auto" chooses by what the hardware does fast, never by the checkpoint's storage dtype:
+    a CPU without native bf16 (no AVX512-BF16 / AMX, no ARM BF16) runs a bf16 matmul about
+    100x slower than fp32, so there the answer is float32 even for a bf16 checkpoint.
     """
+    if requested != "auto":
+        return requested, "asked for"
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "this GPU has native bf16"
+        return "float32", "this GPU has no native bf16"
+    if device == "cpu":
+        flags = cpu_flags()
+        native = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        if native:
+            return "bfloat16", f"this CPU has native bf16 ({', '.join(native)})"
+        return "float32", "this CPU has no native bf16"
+    return "float32", f"no bf16 rule for device {device!r}"
+
+
+def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[str], None] | None = None):
+    """(tokenizer with a pad token, causal LM in eval mode on `device`, weights fingerprint or None) for a local
+    model directory, `stillhouse:NAME`, or a hub name where reachable; the compute dtype fits the hardware
+    (`compute_dtype`), and the choice is logged."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(src)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
-    fingerprint = _dir_fingerprint(Path(src)) if Path(src).exists() else None
+    name, why = compute_dtype(device, dtype)
+    lm = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, name))
+    if log is None:
+        from stillhouse.ui import console
+
+        log = console.print
+    log(f"[dim]{model}: computing in {name} on {device} ({why})[/]")
+    fingerprint = dir_fingerprint(Path(src)) if Path(src).exists() else None
     return tokenizer, lm.to(device).eval(), fingerprint
 
 
-class HFBackend:
-    """Generates with `transformers` from a local model directory (or a hub name where reachable).
+class HFOptions(BackendOptions):
+    batch_size: int = Transport(128, ge=1, description="most requests decoded together")
+    device: Literal["auto", "cpu", "cuda"] | str = Transport("auto", description="cpu, cuda, cuda:N or auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto: bf16 where the hardware runs it natively, else fp32")
+    top_logprobs: int = Field(0, ge=0, le=20, description="keep the k most likely tokens per generated token")
+    watermark: str | None = Field(None, description="a key file from `stillhouse watermark keygen`")
 
-    Requests are sorted by prompt length and run in batches with left padding, so a batch
-    wastes little on padding. Sampling is seeded per batch from the requests' own seeds and
-    sample indices, so the same requests give the same completions.
-    """
+
+class HFBackend:
+    """Generates with a local model through the continuous-batching engine, in this process."""
 
     name = "hf"
+    Options = HFOptions
+    # In flight at once: enough to keep the engine's batch full, few enough that a budget refusal stops work soon.
+    IN_FLIGHT_PER_ROW = 4
 
-    def __init__(self, model: str, options: dict):
+    def __init__(self, model: str, options: HFOptions):
+        from stillhouse.serve.engine import Engine
+
         self.model = model
-        self.batch_size = int(options.get("batch_size", 128))
-        self.device = pick_device(options.get("device"))
-        self.tokenizer, self.lm, self.fingerprint = load_local_lm(model, self.device, options.get("dtype", "auto"))
-        self.tokenizer.padding_side = "left"
-        self.model_id = model
-        self.top_logprobs = int(options.get("top_logprobs", 0))  # >0: keep the k most likely tokens per step
-        self.watermark = None
-        if options.get("watermark"):  # a key file from `stillhouse watermark keygen`
-            from stillhouse.watermark import load_config
+        self.options = options
+        self.engine = Engine(model, device=options.device, max_batch=options.batch_size, window_ms=2.0,
+                             dtype=options.dtype, watermark=options.watermark)
+        self.tokenizer = self.engine.tokenizer
+        self.fingerprint = self.engine.fingerprint
 
-            self.watermark = load_config(options["watermark"])
+    @staticmethod
+    def answer_identity(model: str, options: HFOptions) -> dict:
+        """The model named by its weights (a model retrained in place gets new keys), the resolved
+        compute dtype, the logprobs asked for, and the watermark key's contents (not its path)."""
+        src = Path(resolve_model(model))
+        wm = None
+        if options.watermark:
+            from stillhouse.watermark import key_identity
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            wm = key_identity(options.watermark)
+        return {"backend": "hf", "model": model, "weights": dir_fingerprint(src) if src.exists() else None,
+                "dtype": compute_dtype(pick_device(options.device), options.dtype)[0],
+                "top_logprobs": options.top_logprobs, "watermark": wm}
 
-    def _prompt(self, req: Request) -> str:
-        return self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
-
-    @torch.inference_mode()
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
                  admit: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Completion]]:
-        prompts = [self._prompt(r) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
-        # Batches share sampling parameters, so group by them first.
-        groups: dict[tuple, list[int]] = {}
-        for i in order:
-            r = requests[i]
-            groups.setdefault((r.max_tokens, r.temperature, r.top_p), []).append(i)
-        eos = [self.tokenizer.eos_token_id]
-        for (max_tokens, temperature, top_p), idxs in groups.items():
-            for start in range(0, len(idxs), self.batch_size):
-                batch = idxs[start:start + self.batch_size]
-                if admit is not None:
-                    allowed = [i for i in batch if admit(i)]  # admit() reserves; stop at the first refusal
-                    stopping = len(allowed) < len(batch)
-                    batch = allowed
-                    if not batch:
-                        return
-                enc = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                     add_special_tokens=False).to(self.device)
-                kwargs = dict(max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
-                if temperature > 0:
-                    seed_src = ",".join(f"{requests[i].seed}/{requests[i].sample_index}/{prompts[i]}" for i in batch)
-                    torch.manual_seed(int.from_bytes(hashlib.sha256(seed_src.encode()).digest()[:8], "big") % 2**63)
-                    kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-                else:
-                    kwargs.update(do_sample=False)
-                if self.top_logprobs:
-                    kwargs.update(output_logits=True, return_dict_in_generate=True)
-                if self.watermark is not None:
-                    kwargs["watermarking_config"] = self.watermark
-                out = self.lm.generate(**enc, **kwargs)
-                seqs = out.sequences if self.top_logprobs else out
-                new = seqs[:, enc["input_ids"].shape[1]:]
-                # raw logits (before temperature / top-p) per step: what logit distillation wants
-                steps = torch.stack(out.logits, 1).float().log_softmax(-1) if self.top_logprobs else None
-                for row, i in enumerate(batch):
-                    ids = new[row].tolist()
-                    finish = "length"
-                    if eos[0] in ids:
-                        ids = ids[:ids.index(eos[0])]
-                        finish = "stop"
-                    while ids and ids[-1] == self.tokenizer.pad_token_id:
-                        ids.pop()
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    reasoning, _ = split_reasoning(text)
-                    extra = {"logprobs": self._logprobs(steps[row], new[row], len(ids) + (finish == "stop"))} \
-                        if steps is not None else {}
-                    yield i, Completion(
-                        text=text, reasoning=reasoning,
-                        prompt_tokens=int(enc["attention_mask"][row].sum()), completion_tokens=len(ids) + (finish == "stop"),
-                        finish_reason=finish, model=self.model_id, system_fingerprint=self.fingerprint, extra=extra,
-                    )
-                if progress:
-                    progress(len(batch))
-                if admit is not None and stopping:
-                    return
+        from stillhouse.serve.engine import GenRequest
 
-    def _logprobs(self, logp: torch.Tensor, chosen: torch.Tensor, n: int) -> list[dict]:
-        """Per generated token: its id, text and logprob, and the top-k alternatives (OpenAI's shape, plus ids)."""
-        top = logp[:n].topk(self.top_logprobs, dim=-1)
+        tok = self.tokenizer
+        # shortest prompts first: rows that start together end together, and the batch wastes less on padding
+        texts = [tok.apply_chat_template(list(r.messages), tokenize=False, add_generation_prompt=True) for r in requests]
+        order = iter(sorted(range(len(requests)), key=lambda i: len(texts[i])))
+        top = self.options.top_logprobs
+        pending: dict = {}
+        limit = max(1, self.options.batch_size * self.IN_FLIGHT_PER_ROW)
+        stopped = False
+        try:
+            while True:
+                while not stopped and len(pending) < limit:
+                    i = next(order, None)
+                    if i is None or (admit is not None and not admit(i)):
+                        stopped = True
+                        break
+                    r = requests[i]
+                    ids = tok(texts[i], add_special_tokens=False)["input_ids"]
+                    g = GenRequest(ids, r.max_tokens, r.temperature, r.top_p, r.seed, [], top if top else None)
+                    pending[self.engine.submit(g)] = (i, len(ids))
+                if not pending:
+                    return
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i, n_prompt = pending.pop(fut)
+                    res = fut.result()
+                    reasoning, _ = split_reasoning(res.text)
+                    extra = {"logprobs": self._logprobs(res.logprobs)} if top else {}
+                    if progress:
+                        progress(1)
+                    yield i, Completion(text=res.text, reasoning=reasoning, prompt_tokens=n_prompt,
+                                        completion_tokens=len(res.token_ids),
+                                        finish_reason="stop" if res.finish_reason == "stop" else "length",
+                                        model=self.model, system_fingerprint=self.fingerprint, extra=extra)
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def _logprobs(self, entries: list[dict] | None) -> list[dict]:
+        """The engine's (id, logprob) entries in the ledger's shape: OpenAI's, with token ids beside the strings."""
         conv = self.tokenizer.convert_ids_to_tokens
-        return [{"id": int(chosen[t]), "token": conv(int(chosen[t])), "logprob": float(logp[t, chosen[t]]),
-                 "top_logprobs": [{"id": int(j), "token": conv(int(j)), "logprob": float(v)}
-                                  for v, j in zip(top.values[t].tolist(), top.indices[t].tolist())]}
-                for t in range(n)]
+        return [{"id": e["id"], "token": conv(e["id"]), "logprob": e["logprob"],
+                 "top_logprobs": [{"id": j, "token": conv(j), "logprob": v} for j, v in e["top"]]}
+                for e in entries or []]
 
     def close(self) -> None:
-        self.lm = None
+        self.engine.close()
 
 
-def _dir_fingerprint(path: Path) -> str | None:
+def dir_fingerprint(path: Path) -> str | None:
     """A short hash of a model directory's weights, standing in for a server's system_fingerprint.
 
     The first MiB of each weights file (its header and first tensors) and 32 slices spread

@@ -22,50 +22,61 @@ import time
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
+from pydantic import Field
+
 from stillhouse.errors import StillhouseError
-from stillhouse.teachers import Completion, Request, split_reasoning
+from stillhouse.teachers import BackendOptions, CallFailed, Completion, Request, Transport, split_reasoning
 
 # Statuses where retrying cannot help: the request itself is wrong, or the key is.
 _FATAL_STATUS = {400, 401, 403, 404, 422}
 
 
-class CallFailed(Exception):
-    """A request that failed on every attempt; `reason` says why (never includes the key)."""
-
-    def __init__(self, index: int, reason: str, attempts: int):
-        super().__init__(reason)
-        self.index, self.reason, self.attempts = index, reason, attempts
+class OpenAIOptions(BackendOptions):
+    base_url: str | list[str] | None = Transport(
+        None, description="one endpoint or several (calls go to the least loaded); default $OPENAI_BASE_URL, "
+                          "else OpenAI's")
+    api_key_env: str = Transport("OPENAI_API_KEY", description="the environment variable holding the key")
+    api_key_required: bool = Transport(True, description="refuse to start without a key when calling OpenAI itself")
+    concurrency: int = Transport(16, ge=1, description="calls in flight at once")
+    timeout: float = Transport(120.0, gt=0, description="seconds per attempt")
+    max_attempts: int = Transport(8, ge=1)
+    backoff_base: float = Transport(0.5, ge=0)
+    backoff_max: float = Transport(60.0, ge=0)
+    logprobs: bool = Field(False, description="ask for the chosen tokens' logprobs")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and the k most likely alternatives")
+    extra_body: dict = Field(default_factory=dict, description="extra JSON fields sent with every request")
 
 
 class OpenAIBackend:
     name = "openai"
+    Options = OpenAIOptions
 
-    def __init__(self, model: str, options: dict):
+    def __init__(self, model: str, options: OpenAIOptions):
         self.model = model
-        urls = options.get("base_url") or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        urls = options.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.base_urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.base_urls:
             raise StillhouseError("teacher.options.base_url: give at least one endpoint URL")
-        key_env = options.get("api_key_env", "OPENAI_API_KEY")
+        key_env = options.api_key_env
         self.api_key = os.environ.get(key_env)
         if self.api_key is None:
-            if options.get("api_key_required", True) and any("api.openai.com" in u for u in self.base_urls):
+            if options.api_key_required and any("api.openai.com" in u for u in self.base_urls):
                 raise StillhouseError(f"teacher.options.api_key_env: environment variable {key_env} is not set")
             self.api_key = "none"  # local servers usually need no key; the client insists on one
-        self.concurrency = int(options.get("concurrency", 16))
-        self.timeout = float(options.get("timeout", 120))
-        self.max_attempts = int(options.get("max_attempts", 8))
-        self.backoff_base = float(options.get("backoff_base", 0.5))
-        self.backoff_max = float(options.get("backoff_max", 60))
-        self.logprobs = bool(options.get("logprobs", False))
-        self.top_logprobs = options.get("top_logprobs")
-        self.extra_body = dict(options.get("extra_body", {}))
+        self.concurrency = options.concurrency
+        self.timeout = options.timeout
+        self.max_attempts = options.max_attempts
+        self.backoff_base = options.backoff_base
+        self.backoff_max = options.backoff_max
+        self.logprobs = options.logprobs
+        self.top_logprobs = options.top_logprobs
+        self.extra_body = dict(options.extra_body)
         self.endpoint = ",".join(urlparse(u).netloc for u in self.base_urls)  # hosts only: never a key
 
     # -- one call ---------------------------------------------------------------------------
     def _body(self, req: Request) -> dict:
         body = {"model": self.model, "messages": list(req.messages), "max_tokens": req.max_tokens,
-                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed + req.sample_index}
+                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         if self.logprobs:
             body["logprobs"] = True
             if self.top_logprobs:

@@ -2,66 +2,84 @@
 
 from __future__ import annotations
 
-from stillhouse.train.sft import SFTResult, sft
+from stillhouse.stages import Stage, StageResult
 
-__all__ = ["SFTResult", "sft", "train"]
-
-
-def train(recipe, run, force: bool = False) -> dict:
-    """Run the train stage: SFT of the recipe's student base on `data/generated.parquet` → `student/`."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    from stillhouse.models import count_parameters, resolve_model
-    from stillhouse.ui import console, progress_bar
-
-    gen = run.require("generate", "train")
-    config = {"student": recipe.student.model_dump(), "train": recipe.train.model_dump()}
-    inputs = {"generated": gen["outputs"]["generated"]}
-    if not force and run.is_done("train", inputs, config):
-        console.print("train: already finished, skipping (use --force to redo)")
-        return run.manifest("train")
-    started = run.begin("train")
-    base = resolve_model(recipe.student.base)
-    rows = pq.read_table(run.generated, columns=["messages"]).to_pylist()
-    t = recipe.train
-    with progress_bar("train", None) as advance:
-        last = [0]
-
-        def on_step(step: int, total: int, loss: float | None) -> None:
-            advance(step - last[0], **({"loss": f"{loss:.3f}"} if loss is not None else {}))
-            last[0] = step
-
-        result = sft(rows, base, run.student, epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
-                     max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio, device=t.device,
-                     lora=t.lora.model_dump() if t.lora else None, on_step=on_step)
-    import shutil
-
-    shutil.rmtree(run.student / "_trainer", ignore_errors=True)
-    data_hash = gen["outputs"]["generated"]
-    card = _model_card(recipe, data_hash, result, len(rows))
-    (run.student / "README.md").write_text(card)
-    (run.student / "stillhouse_provenance.json").write_text(json.dumps(
-        {"teacher": recipe.teacher.spec, "base": recipe.student.base, "data_hash": data_hash, "samples": len(rows),
-         "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
-         "train": config["train"]}, indent=2) + "\n")
-    counts = {"samples": len(rows), "steps": result.steps, "parameters": result.parameters,
-              "trainable_parameters": result.trainable_parameters, "base_parameters": count_parameters(base),
-              "final_loss": result.final_loss, "dropped_too_long": result.dropped_too_long, "train_seconds": result.seconds,
-              "tokens_per_second": result.tokens_per_second}
-    return run.finish("train", started, inputs, config, {"student": run.student}, counts)
+# The SFT itself is `stillhouse.train.sft.sft`, imported when the stage runs: it imports torch and TRL, seconds of
+# start-up that commands which never train (help, ledger) should not pay.
+__all__ = ["STAGE", "TrainStage"]
 
 
-def _model_card(recipe, data_hash: str, result: SFTResult, n: int) -> str:
-    t = recipe.train
+class TrainStage(Stage):
+    name = "train"
+    summary = "Train every student on the generated data → student/ (several: students/NAME/)."
+    reads = ("generated",)
+    writes = ("students",)
+    section = "train"
+    always = True
+
+    def config(self, recipe) -> dict:
+        return {"students": [{"name": s.name, "base": s.base, "train": recipe.train_for(s).model_dump()}
+                             for s in recipe.students]}
+
+    def check(self, recipe, run) -> None:
+        from stillhouse.models import resolve_model
+        from stillhouse.sources import require_columns
+
+        for s in recipe.students:  # every base checked before any training
+            resolve_model(s.base)
+        require_columns(run.generated, ("messages",))
+
+    def execute(self, recipe, run) -> StageResult:
+        import json
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        from stillhouse.models import count_parameters, resolve_model
+        from stillhouse.train.sft import sft
+        from stillhouse.ui import progress_bar
+
+        data_hash = self.inputs(recipe, run)["generated"]
+        rows = pq.read_table(run.generated, columns=["messages"]).to_pylist()
+        bases = {s.name: resolve_model(s.base) for s in recipe.students}  # every base checked before any training
+        dirs, per = [], {}
+        for student in recipe.students:
+            t, out = recipe.train_for(student), run.student_dir(student.name)
+            with progress_bar(f"train {student.name}" if len(recipe.students) > 1 else "train", None) as advance:
+                last = [0]
+
+                def on_step(step: int, total: int, loss: float | None) -> None:
+                    advance(step - last[0], **({"loss": f"{loss:.3f}"} if loss is not None else {}))
+                    last[0] = step
+
+                result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
+                             batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
+                             device=t.device, lora=t.lora.model_dump() if t.lora else None, on_step=on_step)
+            shutil.rmtree(out / "_trainer", ignore_errors=True)
+            (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
+            (out / "stillhouse_provenance.json").write_text(json.dumps(
+                {"teacher": recipe.teacher.spec, "student": student.name, "base": student.base, "data_hash": data_hash,
+                 "samples": len(rows), "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
+                 "train": t.model_dump()}, indent=2) + "\n")
+            per[student.name] = {"steps": result.steps, "parameters": result.parameters,
+                                 "trainable_parameters": result.trainable_parameters,
+                                 "base_parameters": count_parameters(bases[student.name]),
+                                 "final_loss": result.final_loss, "dropped_too_long": result.dropped_too_long,
+                                 "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
+            dirs.append(out)
+        first = per[recipe.students[0].name]
+        counts = {"samples": len(rows), **first, "students": per}
+        return StageResult({"students": dirs}, counts)
+
+
+def _model_card(recipe, student, t, data_hash: str, result, n: int) -> str:
     return f"""---
-base_model: {recipe.student.base}
+base_model: {student.base}
 tags: [stillhouse, distillation, sft]
 ---
-# {recipe.name} student
+# {recipe.name}: {student.name}
 
-Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{recipe.student.base}`.
+Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{student.base}`.
 
 - Method: supervised fine-tuning on the teacher's answers (loss on the answers only){' with LoRA r=' + str(t.lora.r) if t.lora else ''}
 - Training data: {n} samples, `data/generated.parquet` with hash `{data_hash}`
@@ -84,3 +102,6 @@ def _terms_section(recipe) -> str:
         lines.append("- **The declared use conflicts with these terms; the run was made with "
                      "`use.override_terms_conflict: true`.**")
     return "\n".join(lines)
+
+
+STAGE = TrainStage

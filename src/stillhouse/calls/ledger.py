@@ -63,7 +63,14 @@ def _m002_sessions(db: sqlite3.Connection) -> None:
         )""")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_calls, _m002_sessions]
+def _m003_failures(db: sqlite3.Connection) -> None:
+    # A call that failed for good is a row too (status 'failed', its error and attempts), never a cache hit; a
+    # later success replaces it.
+    db.execute("ALTER TABLE calls ADD COLUMN error TEXT")
+    db.execute("CREATE INDEX calls_status ON calls(status)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_calls, _m002_sessions, _m003_failures]
 
 
 @dataclass
@@ -121,16 +128,40 @@ class Ledger:
 
     def record(self, key: str, *, stage: str, backend: str, endpoint: str | None, model: str, request: dict,
                completion: Completion, latency_s: float | None, cost_usd: float, attempts: int = 1) -> bool:
-        """Commit one completed call; returns False (and changes nothing) if its key is already recorded."""
+        """Commit one completed call; returns False (and changes nothing) if its key is already recorded as ok.
+
+        A row left by an earlier failure of the same call is replaced."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO calls (key, stage, backend, endpoint, model, request, response, reasoning, logprobs, "
+            "INSERT INTO calls (key, stage, backend, endpoint, model, request, response, reasoning, logprobs, "
             "finish_reason, reported_model, system_fingerprint, prompt_tokens, completion_tokens, latency_s, cost_usd, "
-            "attempts, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'ok',?)",
+            "attempts, status, error, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'ok',NULL,?) "
+            "ON CONFLICT(key) DO UPDATE SET stage=excluded.stage, backend=excluded.backend, endpoint=excluded.endpoint, "
+            "model=excluded.model, request=excluded.request, response=excluded.response, reasoning=excluded.reasoning, "
+            "logprobs=excluded.logprobs, finish_reason=excluded.finish_reason, reported_model=excluded.reported_model, "
+            "system_fingerprint=excluded.system_fingerprint, prompt_tokens=excluded.prompt_tokens, "
+            "completion_tokens=excluded.completion_tokens, latency_s=excluded.latency_s, cost_usd=excluded.cost_usd, "
+            "attempts=calls.attempts + excluded.attempts, status='ok', error=NULL, created_at=excluded.created_at "
+            "WHERE calls.status != 'ok'",
             (key, stage, backend, endpoint, model, json.dumps(request, sort_keys=True), completion.text,
              completion.reasoning, json.dumps(completion.extra["logprobs"]) if completion.extra.get("logprobs") else None,
              completion.finish_reason, completion.model, completion.system_fingerprint, completion.prompt_tokens,
              completion.completion_tokens, latency_s, cost_usd, attempts, time.time()))
         return cur.rowcount == 1
+
+    def record_failure(self, key: str, *, stage: str, backend: str, endpoint: str | None, model: str, request: dict,
+                       error: str, attempts: int) -> None:
+        """Commit a call that failed for good: status 'failed', why, and how many attempts (added to earlier ones)."""
+        self.db.execute(
+            "INSERT INTO calls (key, stage, backend, endpoint, model, request, response, prompt_tokens, "
+            "completion_tokens, cost_usd, attempts, status, error, created_at) VALUES (?,?,?,?,?,?,'',0,0,0,?,'failed',?,?) "
+            "ON CONFLICT(key) DO UPDATE SET attempts=calls.attempts + excluded.attempts, error=excluded.error, "
+            "created_at=excluded.created_at WHERE calls.status != 'ok'",
+            (key, stage, backend, endpoint, model, json.dumps(request, sort_keys=True), attempts, error, time.time()))
+
+    def failures(self) -> list[dict]:
+        """Calls that failed for good and have not succeeded since: key, stage, model, error, attempts."""
+        return [dict(zip(("key", "stage", "model", "error", "attempts"), r)) for r in self.db.execute(
+            "SELECT key, stage, model, error, attempts FROM calls WHERE status = 'failed' ORDER BY id")]
 
     def start_session(self, stage: str, model: str, requested: int, cache_hits: int) -> int:
         cur = self.db.execute("INSERT INTO sessions (stage, model, requested, cache_hits, started_at) VALUES (?,?,?,?,?)",
@@ -148,14 +179,16 @@ class Ledger:
         return float(self.db.execute(q, args).fetchone()[0])
 
     def stats(self) -> dict:
-        """Calls, cache hits, tokens and cost, per stage and model."""
-        per = [dict(zip(("stage", "model", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "mean_latency_s"), r))
+        """Calls, failures, cache hits, tokens and cost, per stage and model."""
+        per = [dict(zip(("stage", "model", "calls", "failed", "prompt_tokens", "completion_tokens", "cost_usd",
+                         "mean_latency_s"), r))
                for r in self.db.execute(
-                   "SELECT stage, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), AVG(latency_s) "
+                   "SELECT stage, model, SUM(status = 'ok'), SUM(status = 'failed'), SUM(prompt_tokens), "
+                   "SUM(completion_tokens), SUM(cost_usd), AVG(CASE WHEN status = 'ok' THEN latency_s END) "
                    "FROM calls GROUP BY stage, model ORDER BY stage, model")]
         sess = self.db.execute("SELECT COUNT(*), COALESCE(SUM(requested),0), COALESCE(SUM(cache_hits),0), "
                                "COALESCE(SUM(calls_made),0), COALESCE(SUM(failed),0) FROM sessions").fetchone()
-        return {"by_stage_model": per, "calls": sum(p["calls"] for p in per),
+        return {"by_stage_model": per, "calls": sum(p["calls"] for p in per), "failed": sum(p["failed"] for p in per),
                 "cost_usd": sum(p["cost_usd"] or 0 for p in per),
                 "sessions": dict(zip(("runs", "requested", "cache_hits", "calls_made", "failed"), sess))}
 
