@@ -91,3 +91,22 @@ def test_cache_identity_of_a_local_model_follows_its_weights(tiny_models, tmp_pa
     AutoModelForCausalLM.from_pretrained(tiny_models["base"]).save_pretrained(d)  # retrained in place
     assert answer_identity(f"hf:{d}", {})["weights"] != before["weights"]
     assert answer_identity("openai:gpt-4o-mini", {})["model"] == "gpt-4o-mini"
+
+
+def test_compute_dtype_fits_the_hardware_not_the_checkpoint(monkeypatch, tiny_models):
+    """A CPU without native bf16 computes in fp32 even for a bf16 checkpoint; one with it in bf16; asking wins."""
+    import torch
+
+    from stillhouse.teachers import hf
+
+    monkeypatch.setattr(hf, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))  # e.g. Zen 1-3, Skylake-X
+    assert hf.compute_dtype("cpu")[0] == "float32"
+    logs: list[str] = []
+    _, lm, _ = hf.load_local_lm("stillhouse:atlas", "cpu", log=logs.append)  # shipped as bf16
+    assert lm.dtype == torch.float32 and "float32" in logs[0] and "no native bf16" in logs[0]
+    monkeypatch.setattr(hf, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))  # e.g. Zen 4, Sapphire Rapids
+    assert hf.compute_dtype("cpu") == ("bfloat16", "this CPU has native bf16 (avx512_bf16)")
+    assert hf.compute_dtype("cpu", "float32") == ("float32", "asked for")
+    monkeypatch.setattr(hf, "cpu_flags", lambda: frozenset())
+    _, lm, _ = hf.load_local_lm(str(tiny_models["teacher"]), "cpu", dtype="bfloat16", log=logs.append)
+    assert lm.dtype == torch.bfloat16

@@ -97,7 +97,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with running(str(model_dir), model_name="tiny", window_ms=5) as url:
+    with running(str(model_dir), model_name="tiny", window_ms=5, dtype="float32") as url:
         yield url
 
 
@@ -234,7 +234,7 @@ def test_echo_logprobs_keep_one_generated_token_even_when_it_is_eos(tmp_path):
         assert model(torch.tensor([ids])).logits[0, -1].argmax() == tok.eos_token_id
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with running(str(tmp_path), model_name="tiny") as url:
+    with running(str(tmp_path), model_name="tiny", dtype="float32") as url:
         r = httpx.post(url + "/completions", timeout=60, json={
             "model": "tiny", "prompt": [ids], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1})
     assert r.status_code == 200, r.text

@@ -23,6 +23,7 @@ class Registry(Generic[T]):
     def __init__(self, group: str, kind: str):
         self.group, self.kind = group, kind
         self._items: dict[str, T] = {}
+        self._from_entry_points: set[str] = set()
         self._loaded = False
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
@@ -45,6 +46,7 @@ class Registry(Generic[T]):
             if ep.name not in self._items:
                 try:
                     self._items[ep.name] = ep.load()
+                    self._from_entry_points.add(ep.name)
                 except Exception as e:  # a broken plug-in names itself instead of breaking every command
                     raise StillhouseError(f"the {self.kind} {ep.name!r} from entry point {ep.value!r} "
                                           f"({self.group}) failed to load: {type(e).__name__}: {e}") from None
@@ -75,6 +77,9 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def reset(self) -> None:
-        """Forget entry-point entries (tests that install a plug-in at run time)."""
+        """Forget what came from entry points; the next use reads them again (a plug-in installed at run time)."""
+        for name in self._from_entry_points:
+            self._items.pop(name, None)
+        self._from_entry_points.clear()
         self._loaded = False
 

@@ -102,6 +102,7 @@ class Stage:
         if any(flags.values()):  # a flag such as --dry-run looks, and leaves the finished stage as it was
             self.execute(recipe, run, **flags)
             return None
+        atomic_write_text(run.recipe, recipe.dump())  # the resolved recipe, exactly as run
         started = run.begin(self.name)
         result = self.execute(recipe, run)
         return run.finish(self.name, started, inputs, config, result.outputs, result.counts, result.extra)
@@ -141,10 +142,9 @@ def section_models() -> dict[str, type[BaseModel] | None]:
 
 
 def open_run(recipe) -> RunDir:
-    """The recipe's run directory, with the resolved recipe written into it."""
+    """The recipe's run directory (created if new; the resolved recipe is written when a stage starts)."""
     run = RunDir(recipe.run_path())
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.recipe, recipe.dump())
     return run
 
 
