@@ -169,3 +169,189 @@ def test_a_closed_engine_refuses_work_instead_of_hanging(tiny_models):
     e.close()
     with pytest.raises(RuntimeError, match="closed"):
         e.submit(GenRequest([1, 2, 3], 2))
+
+
+def _byte_tokenizer():
+    """A tokenizer with one token per UTF-8 byte, so that any non-ASCII character is split across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_incremental_text_holds_back_characters_split_across_tokens():
+    from stillhouse.serve.engine import _IncrementalText
+
+    tok = _byte_tokenizer()
+    text = "héllo ✓ 日本語 🙂!"
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text)  # the multi-byte characters really are split
+    inc, pieces = _IncrementalText(), []
+    for n in range(1, len(ids)):
+        pieces.append(inc.add(tok, ids[:n]))
+    pieces.append(inc.finish(tok, ids))
+    assert "".join(pieces) == text == inc.text
+    assert not any("\ufffd" in p for p in pieces)
+    # a byte sequence that never completes is still given out at the end, as the full decode has it
+    bad = ids[:3] + tok("é")["input_ids"][:1]
+    inc = _IncrementalText()
+    for n in range(1, len(bad)):
+        inc.add(tok, bad[:n])
+    inc.finish(tok, bad)
+    assert inc.text == tok.decode(bad)
+
+
+def test_streamed_text_is_decoded_in_linear_time_and_equals_the_plain_text(engine, monkeypatch):
+    ids = _ids(engine, _long_prompt(engine, 120))
+    decoded = []
+    real = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda t, *a, **k: (decoded.append(len(t)), real(t, *a, **k))[1])
+
+    def run(n, stream):
+        decoded.clear()
+        pieces = []
+        res = engine.submit(GenRequest(ids, n, temperature=0.0, on_text=pieces.append if stream else None,
+                                       stop=["\x00never"] if stream else [])).result(timeout=60)
+        assert len(res.token_ids) == n
+        return res, "".join(pieces), sum(decoded)
+
+    plain, _, plain_cost = run(120, stream=False)
+    short, short_text, short_cost = run(40, stream=True)
+    long_, long_text, long_cost = run(120, stream=True)
+    assert long_text == long_.text == plain.text and short_text == short.text
+    assert plain_cost == 120  # no stream, no stop: one decode at the end
+    # ids decoded per generated token stay bounded: 3x the tokens cost about 3x (a full re-decode each token: 9x)
+    assert long_cost <= 8 * 120 and long_cost < 4 * short_cost
+
+
+def test_admission_is_bounded_by_a_token_budget(tiny_models):
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=50, dtype="float32")
+    budget = e.context  # the smallest budget there is
+    e.close()
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=50, dtype="float32", max_batch_tokens=budget)
+    try:
+        ids = _ids(e, "Hi")
+        mt = budget // 2 - len(ids) - 1  # two such requests fit the budget, three do not
+        got = [f.result(timeout=60) for f in [e.submit(GenRequest(ids, mt, temperature=0.0)) for _ in range(6)]]
+        assert all(r.finish_reason in ("stop", "length") for r in got)
+        assert e.largest_batch == 2 and e.peak_batch_tokens <= budget
+    finally:
+        e.close()
+
+
+def test_a_full_waiting_queue_refuses_at_once_and_recovers(tiny_models):
+    from stillhouse.serve.engine import QueueFull
+
+    e = Engine(str(tiny_models["teacher"]), max_batch=1, window_ms=1, dtype="float32", max_queue=2)
+    try:
+        ids = _ids(e, "Hi")
+        futures, refused = [], []
+        for _ in range(20):
+            try:
+                futures.append(e.submit(GenRequest(ids, 60, temperature=0.0)))
+            except QueueFull as err:
+                refused.append(err)
+        assert refused and all(err.retry_after >= 1 for err in refused)
+        assert len(futures) <= 3  # one decoding, two waiting (fewer refusals only if some finished in between)
+        for f in futures:
+            f.result(timeout=60)
+        assert e._waiting == 0
+        assert e.submit(GenRequest(ids, 2, temperature=0.0)).result(timeout=60).token_ids
+    finally:
+        e.close()
+
+
+def test_a_request_racing_close_fails_promptly_instead_of_hanging(tiny_models):
+    e = Engine(str(tiny_models["teacher"]), max_batch=4, dtype="float32")
+    check = e._check_open
+
+    def check_then_close():  # close lands between the submit's check and its put: the worst moment
+        check()
+        e.close()
+
+    e._check_open = check_then_close
+    fut = e.submit(GenRequest([1, 2, 3], 2))
+    assert isinstance(fut.exception(timeout=5), RuntimeError)
+
+
+def test_requests_submitted_from_many_threads_during_close_all_resolve(tiny_models):
+    import threading
+
+    e = Engine(str(tiny_models["teacher"]), max_batch=4, dtype="float32")
+    futures, go = [], threading.Event()
+
+    def client():
+        go.wait()
+        for _ in range(50):
+            try:
+                futures.append(e.submit(GenRequest([5, 6, 7], 2, temperature=0.0)))
+            except RuntimeError:
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    go.set()
+    while len(futures) < 8:  # close while the clients are still submitting
+        time.sleep(0.0005)
+    e.close()
+    for t in threads:
+        t.join(10)
+    from concurrent.futures import wait
+
+    assert futures and not wait(futures, timeout=10).not_done  # each one answered or failed, none left hanging
+
+
+@torch.inference_mode()
+def _reference_greedy(engine, ids, n, freq=0.0, pres=0.0, rep=1.0, bias=None):
+    """Greedy decoding with penalties, one full forward per token: the definitions, written out."""
+    out = []
+    for _ in range(n):
+        logits = engine.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        logits = logits - freq * counts - pres * (counts > 0)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(ids + out)] = True
+        logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        out.append(int(logits.argmax()))
+        if out[-1] == engine.tokenizer.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(frequency_penalty=1.5), dict(presence_penalty=2.0), dict(repetition_penalty=6.0),
+                                dict(frequency_penalty=0.7, presence_penalty=0.5, logit_bias={40: 3.0})])
+def test_penalties_and_logit_bias_follow_their_definitions(engine, kw):
+    ids = _ids(engine, PROMPTS[4])
+    plain = engine.submit(GenRequest(ids, 24, temperature=0.0)).result(timeout=60).token_ids
+    got = engine.submit(GenRequest(ids, 24, temperature=0.0, **kw)).result(timeout=60).token_ids
+    want = _reference_greedy(engine, ids, 24, kw.get("frequency_penalty", 0), kw.get("presence_penalty", 0),
+                             kw.get("repetition_penalty", 1), kw.get("logit_bias"))
+    assert got == want and got != plain
+
+
+def test_top_k_and_min_p_restrict_sampling(engine):
+    ids = _ids(engine, PROMPTS[1])
+    greedy = engine.submit(GenRequest(ids, 16, temperature=0.0)).result(timeout=60).token_ids
+    for kw in (dict(top_k=1), dict(min_p=1.0)):  # each leaves only the most likely token
+        for seed in range(3):
+            got = engine.submit(GenRequest(ids, 16, temperature=1.5, seed=seed, **kw)).result(timeout=60).token_ids
+            assert got == greedy
+    free = {tuple(engine.submit(GenRequest(ids, 16, temperature=1.5, seed=s)).result(timeout=60).token_ids)
+            for s in range(3)}
+    assert free != {tuple(greedy)}  # without them the same seeds wander off
+
+
+def test_a_logit_bias_outside_the_vocabulary_fails_only_its_request(engine):
+    ids = _ids(engine, "Hi")
+    bad = engine.submit(GenRequest(ids, 4, temperature=0.0, logit_bias={10 ** 6: 5.0}))
+    good = engine.submit(GenRequest(ids, 4, temperature=0.0))
+    with pytest.raises(ValueError, match="logit_bias"):
+        bad.result(timeout=60)
+    assert good.result(timeout=60).token_ids

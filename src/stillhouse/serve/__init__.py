@@ -10,9 +10,14 @@ from typing import Iterator
 
 from stillhouse.errors import StillhouseError
 
+# Requests a server lets wait for a place in the batch before it answers 429: a client flood must not grow memory
+# and latency without limit.
+MAX_QUEUE = 1024
 
-def build(model_dir: str, model_name: str | None = None, api_key_env: str | None = None, **engine_kw):
-    """The engine and the FastAPI app for `model_dir`."""
+
+def build(model_dir: str, model_name: str | None = None, api_key_env: str | None = None, max_queue: int | None = MAX_QUEUE,
+          max_body_bytes: int = 1 << 20, **engine_kw):
+    """The engine and the FastAPI app for `model_dir`; past `max_queue` waiting requests, clients get 429."""
     from pathlib import Path
 
     from stillhouse.serve.app import create_app
@@ -22,14 +27,16 @@ def build(model_dir: str, model_name: str | None = None, api_key_env: str | None
         raise StillhouseError(f"--max-batch must be at least 1, not {engine_kw['max_batch']}")
     if engine_kw.get("window_ms", 0) < 0:
         raise StillhouseError(f"--window-ms must not be negative, not {engine_kw['window_ms']}")
+    if max_queue is not None and max_queue < 1:
+        raise StillhouseError(f"--max-queue must be at least 1, not {max_queue}")
     key = None
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
             raise StillhouseError(f"--api-key-env: environment variable {api_key_env} is not set")
-    engine = Engine(model_dir, **engine_kw)
+    engine = Engine(model_dir, max_queue=max_queue, **engine_kw)
     name = model_name or Path(model_dir.split(":", 1)[-1]).name
-    return engine, create_app(engine, name, api_key=key)
+    return engine, create_app(engine, name, api_key=key, max_body_bytes=max_body_bytes)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -14,25 +16,81 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stillhouse.serve.engine import Engine, GenRequest, GenResult
+from stillhouse.serve.engine import Engine, GenRequest, GenResult, QueueFull
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.headers = headers
 
 
 def _error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
+           code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class _BodyLimit:
+    """Answers 413 to a request body over `limit` bytes, whether or not it declares a Content-Length.
+
+    A chunked body has no Content-Length to check up front, so the body is read here (it is read
+    in full for JSON parsing anyway) and handed on only once it is known to be within the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = _error(413, f"request body is larger than {self.limit} bytes")
+        n = dict(scope.get("headers") or []).get(b"content-length")
+        if n is not None and n.isdigit() and int(n) > self.limit:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the disconnect, which a streaming response listens for
+
+        return await self.app(scope, replay, send)
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+
+
+# Parameters that would change what is generated and that this server does not implement, each with the values
+# that mean "off" (clients such as the openai client may send those). Any other value is a 400 naming the
+# parameter, never silently ignored.
+UNSUPPORTED: dict[str, tuple] = {
+    "best_of": (None, 1), "suffix": (None, ""), "typical_p": (None, 1), "min_tokens": (None, 0),
+    "ignore_eos": (None, False), "stop_token_ids": (None, []), "length_penalty": (None, 1),
+    "use_beam_search": (None, False), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "top_a": (None, 0), "tfs": (None, 1),
+    "mirostat_mode": (None, 0), "echo": (None, False),
+}
 
 
 class _Sampling(BaseModel):
@@ -44,6 +102,17 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    top_k: int | None = Field(None, ge=-1)  # None, 0 or -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first parameter sent with a value this server cannot honour, if any."""
+        extra = self.model_extra or {}
+        return next((k for k, ok in UNSUPPORTED.items() if k in extra and extra[k] not in ok), None)
 
 
 class ChatRequest(_Sampling):
@@ -80,11 +149,15 @@ class CompletionRequest(_Sampling):
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; requests need `Bearer api_key` when one is set."""
     app = FastAPI(title="stillhouse serve", docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     tok = engine.tokenizer
+    # Chat templates and tokenizers are CPU work that would stall every other request on the event loop; one
+    # thread, because a fast tokenizer is not safe to use from several threads at once.
+    tokenize = ThreadPoolExecutor(1, thread_name_prefix="stillhouse-tokenize")
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return _error(e.status, e.message, e.param, e.type, e.code)
+        return _error(e.status, e.message, e.param, e.type, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
@@ -102,16 +175,39 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     async def _internal(_, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}", type_="server_error")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        n = request.headers.get("content-length")
-        if n is not None and n.isdigit() and int(n) > max_body_bytes:
-            return _error(413, f"request body is larger than {max_body_bytes} bytes")
-        return await call_next(request)
-
     async def auth(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        # constant-time, so that response timing does not reveal how much of a guessed key is right
+        if api_key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                           f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or invalid API key", type_="authentication_error", code="invalid_api_key")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize, fn, *args)
+
+    def check_sampling(body: _Sampling) -> dict:
+        """The request's sampling settings as GenRequest fields; a 400 naming any that cannot be honoured."""
+        bad = body.unsupported()
+        if bad is not None:
+            raise APIError(400, f"{bad} is not supported by this server (send it unset, or with its neutral value)",
+                           bad, code="unsupported_parameter")
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < engine.vocab:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {engine.vocab - 1})",
+                               "logit_bias")
+            bias[int(key)] = value
+        return {"top_k": max(0, body.top_k or 0), "min_p": body.min_p, "frequency_penalty": body.frequency_penalty,
+                "presence_penalty": body.presence_penalty, "repetition_penalty": body.repetition_penalty,
+                "logit_bias": bias or None}
+
+    def submit(reqs: list[GenRequest]) -> list:
+        try:
+            return engine.submit_all(reqs)
+        except QueueFull as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except RuntimeError as e:  # closed or stopped
+            raise APIError(503, str(e), type_="server_error", code="unavailable") from None
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -130,7 +226,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return max_tokens
 
     async def run(reqs: list[GenRequest]) -> list[GenResult]:
-        return list(await asyncio.gather(*(asyncio.wrap_future(engine.submit(r)) for r in reqs)))
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in submit(reqs))))
 
     def stops(stop) -> list[str]:
         return [stop] if isinstance(stop, str) else list(stop or [])
@@ -152,23 +248,27 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(body: ChatRequest):
         check_model(body.model)
-        prompt = tok.apply_chat_template([m.model_dump(include={"role", "content"}) for m in body.messages],
-                                         tokenize=False, add_generation_prompt=True)
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        extra = check_sampling(body)
+
+        def encode(messages: list[dict]) -> list[int]:
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tok(prompt, add_special_tokens=False)["input_ids"]
+
+        ids = await off_loop(encode, [m.model_dump(include={"role", "content"}) for m in body.messages])
         mt = budget(len(ids), body.max_completion_tokens or body.max_tokens, 512)
         top = (body.top_logprobs or 0) if body.logprobs else None
         reqs = [GenRequest(ids, mt, body.temperature, body.top_p, None if body.seed is None else body.seed + k,
-                           stops(body.stop), top) for k in range(body.n)]
+                           stops(body.stop), top, **extra) for k in range(body.n)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             # Text goes out as the engine samples it: the engine thread hands each piece (and each
             # finished request) to this event loop through a queue.
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
-            futures = []
             for k, r in enumerate(reqs):
                 r.on_text = lambda piece, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, piece))
-                futures.append(engine.submit(r))
-                futures[-1].add_done_callback(lambda f, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, f)))
+            futures = submit(reqs)
+            for k, f in enumerate(futures):
+                f.add_done_callback(lambda f, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, f)))
             return StreamingResponse(_chat_stream(cid, created, model_name, events, futures, len(ids), chat_logprobs),
                                      media_type="text/event-stream")
         results = await run(reqs)
@@ -184,6 +284,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest):
         check_model(body.model)
+        extra = check_sampling(body)
+        if body.stream:
+            raise APIError(400, "stream is not supported on /v1/completions (it is on /v1/chat/completions)", "stream",
+                           code="unsupported_parameter")
         single = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
         prompts = [body.prompt] if single else body.prompt
         if not prompts:
@@ -191,31 +295,36 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         # Every prompt as (its text, its token ids, its max_tokens), all checked before any is run. An id must be both
         # a token the tokenizer can decode and a row of the embedding (which may be padded past the tokenizer).
         vocab = min(len(tok), engine.model.get_input_embeddings().num_embeddings)
-        encoded: list[tuple[str, list[int], int]] = []
-        for k, q in enumerate(prompts):
-            if isinstance(q, str):
-                text, ids = q, tok(q, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-            else:
-                bad = next((i for i in q if not 0 <= i < vocab), None)
-                if bad is not None:
-                    where = "prompt" if single else f"prompt[{k}]"
-                    raise APIError(400, f"{where}: token id {bad} is not in the model's vocabulary "
-                                        f"(ids 0 to {vocab - 1})", "prompt")
-                ids = q or [tok.eos_token_id]
-                text = tok.decode(ids)  # the echoed text: the ids decoded, special tokens kept
-            encoded.append((text, ids, budget(len(ids), body.max_tokens, 16, "prompt")))
 
-        async def one(ids: list[int], mt: int) -> tuple[list[GenResult], list[dict] | None]:
-            results = [GenResult("", [], "length", [] if body.logprobs is not None else None)] * body.n if mt == 0 else \
-                await run([GenRequest(ids, mt, body.temperature, body.top_p,
-                                      None if body.seed is None else body.seed + k, stops(body.stop), body.logprobs)
-                           for k in range(body.n)])
+        def encode(q) -> tuple[str, list[int]]:
+            if isinstance(q, str):
+                return q, tok(q, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            return tok.decode(q or [tok.eos_token_id]), q or [tok.eos_token_id]  # echoed: special tokens kept
+
+        for k, q in enumerate(prompts):
+            bad = next((i for i in q if not 0 <= i < vocab), None) if not isinstance(q, str) else None
+            if bad is not None:
+                where = "prompt" if single else f"prompt[{k}]"
+                raise APIError(400, f"{where}: token id {bad} is not in the model's vocabulary "
+                                    f"(ids 0 to {vocab - 1})", "prompt")
+        encoded = [(text, ids, budget(len(ids), body.max_tokens, 16, "prompt"))
+                   for text, ids in await off_loop(lambda: [encode(q) for q in prompts])]
+
+        # all prompts' requests queued at once (or none, when the queue has no room for all): the engine batches them
+        reqs = [[GenRequest(ids, mt, body.temperature, body.top_p, None if body.seed is None else body.seed + k,
+                            stops(body.stop), body.logprobs, **extra) for k in range(body.n)] if mt else []
+                for _, ids, mt in encoded]
+        futures = iter(submit([r for rs in reqs for r in rs]))
+        pending = [[next(futures) for _ in rs] for rs in reqs]
+
+        async def one(ids: list[int], futs: list) -> tuple[list[GenResult], list[dict] | None]:
+            results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))) if futs else \
+                [GenResult("", [], "length", [] if body.logprobs is not None else None)] * body.n
             echo_lp = await asyncio.wrap_future(engine.score(ids, body.logprobs or 0)) \
                 if body.echo and body.logprobs is not None else None
             return results, echo_lp
 
-        # all prompts at once: the engine batches them
-        outs = await asyncio.gather(*(one(ids, mt) for _, ids, mt in encoded))
+        outs = await asyncio.gather(*(one(ids, futs) for (_, ids, _), futs in zip(encoded, pending)))
         choices, pt, ct = [], 0, 0
         for (p, ids, _), (results, echo_lp) in zip(encoded, outs):
             pt += len(ids)

@@ -16,6 +16,8 @@ and all-padding columns trimmed. A model whose cache layers are not plain `Dynam
 
 from __future__ import annotations
 
+import collections
+import math
 import queue
 import threading
 import time
@@ -39,6 +41,24 @@ class GenRequest:
     top_logprobs: int | None = None  # None: no logprobs; 0: only the chosen token's
     on_text: Callable[[str], None] | None = None  # called from the engine thread with each new piece of text
     future: Future = field(default_factory=Future)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count, over the generated tokens
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' / vLLM's: over the prompt and the generated tokens
+    logit_bias: dict[int, float] | None = None
+
+    def size(self) -> int:
+        """Tokens this request may hold in the batch's cache at most."""
+        return len(self.prompt_ids) + self.max_tokens
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is full; `retry_after` is a guess, in seconds, of when it will have room."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -60,7 +80,10 @@ class _Score:
 class _Seq:
     """One request in the running batch."""
 
-    def __init__(self, req: GenRequest, device: str):
+    def __init__(self, req: GenRequest, device: str, vocab: int | None = None):
+        bad = [t for t in req.logit_bias or {} if vocab is not None and not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is not in the model's vocabulary (ids 0 to {vocab - 1})")
         self.req = req
         self.ids: list[int] = []
         self.logprobs: list[dict] | None = [] if req.top_logprobs is not None else None
@@ -72,6 +95,47 @@ class _Seq:
                     if req.seed is not None else None)
         # a streamed piece must not be the start of a stop string that later completes
         self.holdback = max((len(s) for s in req.stop), default=1) - 1
+        self.detok = _IncrementalText() if req.stop or req.on_text else None
+        self.processed = bool(req.frequency_penalty or req.presence_penalty or req.repetition_penalty != 1
+                              or req.logit_bias)
+        self.counts: torch.Tensor | None = None  # per vocabulary id: times generated (penalties only)
+        self.seen: torch.Tensor | None = None  # per vocabulary id: in the prompt or generated (repetition penalty)
+        self.bias: torch.Tensor | None = None
+
+
+class _IncrementalText:
+    """A growing token sequence's text, decoding only a few recent ids per new token.
+
+    Decoding the whole sequence at every token is quadratic in its length. As text-generation-
+    inference and vLLM do, this decodes the ids from `prefix` on twice (without and with the new
+    ones) and keeps the difference: starting a little before the new ids lets tokenizers that
+    treat a sequence's first token specially (SentencePiece's leading space) decode it as they
+    would in context. A trailing U+FFFD means a character whose bytes are split across tokens:
+    it waits for the rest (or for `finish`, which takes whatever is left).
+    """
+
+    def __init__(self):
+        self.prefix = self.read = 0
+        self.text = ""
+
+    def add(self, tokenizer, ids: list[int]) -> str:
+        """The text that `ids` (the full sequence so far) adds; empty while a character is incomplete."""
+        before = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
+        now = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(ids)
+        self.text += now[len(before):]
+        return now[len(before):]
+
+    def finish(self, tokenizer, ids: list[int]) -> str:
+        """Whatever text is still held back, at the end of the sequence."""
+        before = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
+        now = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
+        self.prefix = self.read = len(ids)
+        tail = now[len(before):] if now.startswith(before) else ""
+        self.text += tail
+        return tail
 
 
 class _SlackLayer(DynamicLayer):
@@ -149,12 +213,20 @@ class _GreenLists:
 
 
 class Engine:
-    """Owns the model; `submit()` and `score()` are thread-safe and return Futures."""
+    """Owns the model; `submit()` and `score()` are thread-safe and return Futures.
+
+    `max_batch` caps the rows decoded together and `max_batch_tokens` the tokens they may hold
+    (each request counts its prompt plus its `max_tokens`; by default what `KV_CACHE_BYTES` of
+    cache holds). `max_queue` caps the requests waiting for a place: past it `submit` raises
+    `QueueFull` (None: no cap, for callers in this process that bound their own work).
+    """
 
     ADMIT_AFTER_STEPS = 8
+    KV_CACHE_BYTES = 4 << 30
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
-                 dtype: str = "auto", watermark: str | None = None):
+                 dtype: str = "auto", watermark: str | None = None, max_batch_tokens: int | None = None,
+                 max_queue: int | None = None):
         from stillhouse.teachers.hf import load_local_lm, pick_device
 
         self.device = pick_device(device)
@@ -168,8 +240,16 @@ class Engine:
 
             self.watermark = load_config(watermark)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
         self.max_batch, self.window = max_batch, window_ms / 1000
+        # never below the context, so that any request the model can take fits in an empty batch
+        self.max_batch_tokens = max(self.context, max_batch_tokens or self._default_batch_tokens())
+        self.max_queue = max_queue
         self.queue: queue.Queue = queue.Queue()
+        self._waiting = 0  # requests submitted and not yet in the running batch (nor failed)
+        self._admitted: collections.deque = collections.deque(maxlen=256)  # when recent requests got a place
+        self._count_lock = threading.Lock()
+        self.peak_batch_tokens = 0  # most tokens (prompts plus max_tokens) held by the running batch at once
         self._rng = torch.Generator(device=self.device)
         self._rng.seed()  # its own random seed; the process's global RNG is left alone
         self.batches_run = 0  # prefills: groups of requests admitted together
@@ -178,20 +258,32 @@ class Engine:
         self._last_admit = 0  # steps_run at the last admission
         self._dead: RuntimeError | None = None  # set if the loop ever fails outside a request
         self._closed = False
+        self._stopped = False  # the loop has ended (set before its last drain of the queue)
         self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
         self._thread.start()
 
     # -- public -------------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> Future:
+        """Queue one request; raises `QueueFull` when `max_queue` requests are already waiting."""
+        return self.submit_all([req])[0]
+
+    def submit_all(self, reqs: list[GenRequest]) -> list[Future]:
+        """Queue all of `reqs` or, when the waiting queue has no room for all of them, none (`QueueFull`)."""
         self._check_open()
-        self.queue.put(req)
-        return req.future
+        with self._count_lock:
+            if self.max_queue is not None and self._waiting + len(reqs) > self.max_queue:
+                raise QueueFull(f"the server is busy: {self._waiting} requests are waiting (at most {self.max_queue})",
+                                self._retry_after())
+            self._waiting += len(reqs)
+        for r in reqs:
+            self._put(r)
+        return [r.future for r in reqs]
 
     def score(self, ids: list[int], top: int = 0) -> Future:
         """A Future of the prompt's per-token logprobs (for `echo`); the first token has none."""
         self._check_open()
         job = _Score(ids, top)
-        self.queue.put(job)
+        self._put(job)
         return job.future
 
     def close(self) -> None:
@@ -199,6 +291,26 @@ class Engine:
         self._closed = True
         self.queue.put(None)
         self._thread.join()
+
+    def _put(self, item) -> None:
+        self.queue.put(item)
+        # The loop may have ended between `_check_open` and the put (a close racing this call): nobody would ever
+        # take the item, so fail it here. The loop sets `_stopped` before its own last drain, so every item is
+        # failed by one of the two drains.
+        if self._stopped:
+            self._fail_queued(self._dead)
+
+    def _retry_after(self) -> int:
+        """Seconds until the requests waiting now have likely got a place, from the recent admission rate."""
+        now, times = time.monotonic(), list(self._admitted)
+        if len(times) < 2 or now - times[0] <= 0:
+            return 1
+        rate = len(times) / (now - times[0])
+        return max(1, min(60, math.ceil(self._waiting / rate)))
+
+    def _unwait(self, n: int) -> None:
+        with self._count_lock:
+            self._waiting -= n
 
     def _check_open(self) -> None:
         if self._dead is not None:
@@ -214,7 +326,9 @@ class Engine:
             self._run(active, waiting)
         except BaseException as e:  # never die silently: fail every request and refuse new ones
             self._dead = RuntimeError(f"the generation engine stopped: {type(e).__name__}: {e}")
-            self._fail(active + waiting, self._dead)
+            self._stopped = True
+            self._fail(active, self._dead)
+            self._fail_waiting(waiting, self._dead)
             self._fail_queued(self._dead)
 
     def _run(self, active: list[_Seq], waiting: list[_Seq]) -> None:
@@ -230,17 +344,20 @@ class Engine:
             if not stopping:
                 stopping = self._collect(waiting, block=not active and not waiting)
             if stopping:  # close(): what is running finishes, what waits fails
-                self._fail(waiting)
-                waiting.clear()
+                self._fail_waiting(waiting)
                 if not active:
+                    self._stopped = True
                     self._fail_queued()
                     return
-            live = sum(s.finish is None for s in active)
+            live = [s for s in active if s.finish is None]
             new: list[_Seq] = []
-            if waiting and (not active or (mergeable and self._admit_now(waiting, live))):
-                new = waiting[:self.max_batch - live]
-                del waiting[:len(new)]
+            if waiting and (not active or (mergeable and self._admit_now(waiting, len(live)))):
+                new = self._take(waiting, len(live), sum(s.req.size() for s in live))
+            if new:
                 self._last_admit = self.steps_run
+                self._unwait(len(new))
+                self._admitted.extend([time.monotonic()] * len(new))
+                self.peak_batch_tokens = max(self.peak_batch_tokens, sum(s.req.size() for s in live + new))
             piece = None
             if new:
                 try:
@@ -269,6 +386,35 @@ class Engine:
                 self._fail(active, e)
                 active.clear()
                 state = None
+
+    def _take(self, waiting: list[_Seq], rows: int, tokens: int) -> list[_Seq]:
+        """Remove and return the longest head of `waiting` that fits beside `rows` rows holding `tokens` tokens.
+
+        First come, first served: a large request at the head is not overtaken by smaller ones behind it, so it
+        cannot starve. An empty batch always takes the head (the budget is never below one context).
+        """
+        n = 0
+        while n < len(waiting) and rows + n < self.max_batch:
+            size = waiting[n].req.size()
+            if (rows or n) and tokens + size > self.max_batch_tokens:
+                break
+            tokens += size
+            n += 1
+        new = waiting[:n]
+        del waiting[:n]
+        return new
+
+    def _default_batch_tokens(self) -> int:
+        """Tokens of cache that `KV_CACHE_BYTES` holds for this model (keys and values, every layer)."""
+        cfg = self.model.config.get_text_config()
+        heads = getattr(cfg, "num_attention_heads", None)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+        layers = getattr(cfg, "num_hidden_layers", None)
+        if not (kv_heads and head_dim and layers):
+            return self.max_batch * self.context
+        per_token = 2 * layers * kv_heads * head_dim * self.model.dtype.itemsize
+        return self.KV_CACHE_BYTES // per_token
 
     def _admit_now(self, waiting: list[_Seq], running: int) -> bool:
         """Whether to prefill waiting requests into the running batch before the next step.
@@ -305,10 +451,13 @@ class Engine:
                 return True
             if isinstance(item, _Score):
                 self._run_score(item)
-            elif not item.future.cancelled():
+            elif item.future.cancelled():
+                self._unwait(1)
+            else:
                 try:
-                    seq = _Seq(item, self.device)
+                    seq = _Seq(item, self.device, self.vocab)
                 except Exception as e:
+                    self._unwait(1)
                     _resolve(item.future, exc=e)
                     continue
                 seq.arrived = self.steps_run
@@ -321,6 +470,11 @@ class Engine:
         for s in seqs:
             _resolve(s.req.future, exc=exc or RuntimeError("the server is shutting down"))
 
+    def _fail_waiting(self, waiting: list[_Seq], exc: BaseException | None = None) -> None:
+        self._unwait(len(waiting))
+        self._fail(waiting, exc)
+        waiting.clear()
+
     def _fail_queued(self, exc: BaseException | None = None) -> None:
         while True:
             try:
@@ -328,6 +482,8 @@ class Engine:
             except queue.Empty:
                 return
             if item is not None:
+                if isinstance(item, GenRequest):
+                    self._unwait(1)
                 _resolve(item.future, exc=exc or RuntimeError("the server is shutting down"))
 
     @torch.inference_mode()
@@ -393,17 +549,30 @@ class Engine:
             hist = [(s.req.prompt_ids + s.ids)[-cw:] for s in seqs]
             hist = torch.tensor([[self.tokenizer.pad_token_id] * (cw - len(h)) + h for h in hist], device=logits.device)
             scores = self._wm(hist, scores)
+        processed = [i for i, s in enumerate(seqs) if s.processed]
+        if processed:
+            scores = scores.clone() if scores is logits else scores
+            for i in processed:
+                scores[i] = self._penalize(seqs[i], scores[i])
         chosen = scores.argmax(-1)
         temps = torch.tensor([s.req.temperature for s in seqs], device=logits.device)
         sampled = (temps > 0).nonzero().flatten().tolist()
         if sampled:
             sub = scores[sampled] / temps[sampled, None]
-            top_p = torch.tensor([seqs[i].req.top_p for i in sampled], device=logits.device)
+            dev = logits.device
+            top_p = torch.tensor([seqs[i].req.top_p for i in sampled], device=dev)[:, None]
+            top_k = torch.tensor([seqs[i].req.top_k for i in sampled], device=dev)[:, None]
+            min_p = torch.tensor([seqs[i].req.min_p for i in sampled], device=dev)[:, None]
             probs = sub.softmax(-1)
             sorted_p, order = probs.sort(-1, descending=True)
-            # keep the smallest set of tokens reaching top_p (a row with top_p=1 keeps all)
-            drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & (top_p[:, None] < 1)
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            # top-k first, then top-p over what top-k kept (renormalized), as transformers' warpers chain them;
+            # min-p compares with the most likely token, which neither of the others removes
+            rank = torch.arange(sorted_p.shape[-1], device=dev)[None]
+            kept = sorted_p.masked_fill((top_k > 0) & (rank >= top_k), 0.0)
+            renorm = kept / kept.sum(-1, keepdim=True)
+            drop = ((renorm.cumsum(-1) - renorm) >= top_p) & (top_p < 1)  # the smallest set reaching top_p
+            drop |= sorted_p < min_p * sorted_p[:, :1]
+            probs = probs.scatter(-1, order, kept.masked_fill(drop, 0.0))
             free = [j for j, i in enumerate(sampled) if seqs[i].rng is None]
             if free:
                 chosen[[sampled[j] for j in free]] = torch.multinomial(probs[free], 1, generator=self._rng)[:, 0]
@@ -415,6 +584,27 @@ class Engine:
             self._advance(s, t, None if s.logprobs is None else logp[row])
         return chosen
 
+    @staticmethod
+    def _penalize(s: _Seq, row: torch.Tensor) -> torch.Tensor:
+        """One row's scores under its repetition, frequency and presence penalties and its logit bias."""
+        r = s.req
+        if s.bias is None and r.logit_bias:
+            s.bias = torch.zeros_like(row)
+            for t, b in r.logit_bias.items():
+                s.bias[t] = b
+        if r.frequency_penalty or r.presence_penalty:
+            if s.counts is None:
+                s.counts = torch.zeros_like(row)
+                for t in s.ids:
+                    s.counts[t] += 1
+            row = row - r.frequency_penalty * s.counts - r.presence_penalty * (s.counts > 0)
+        if r.repetition_penalty != 1:
+            if s.seen is None:
+                s.seen = torch.zeros(row.shape, dtype=torch.bool, device=row.device)
+                s.seen[torch.tensor(r.prompt_ids + s.ids, dtype=torch.long, device=row.device)] = True
+            row = torch.where(s.seen, torch.where(row < 0, row * r.repetition_penalty, row / r.repetition_penalty), row)
+        return row if s.bias is None else row + s.bias
+
     def _advance(self, s: _Seq, t: int, logp: torch.Tensor | None) -> None:
         """Append token `t` to `s` and decide whether it has finished; stream what is now safe to send."""
         if s.finish is not None:  # a finished row waiting to be dropped: its token is ignored
@@ -424,25 +614,30 @@ class Engine:
         s.ids.append(t)
         if s.logprobs is not None:
             s.logprobs.append(_lp_entry(logp, t, s.req.top_logprobs))
+        if s.counts is not None:
+            s.counts[t] += 1
+        if s.seen is not None:
+            s.seen[t] = True
         if t in self.eos:
             s.finish = "stop"
-        else:
-            if s.req.stop or s.req.on_text:
-                before = len(s.text)
-                s.text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
-                if s.req.stop:
-                    start = max(0, before - s.holdback)
-                    cuts = [c for c in (s.text.find(x, start) for x in s.req.stop if x) if c >= 0]
-                    if cuts:
-                        s.text, s.finish = s.text[:min(cuts)], "stop"
-            if s.finish is None and len(s.ids) >= s.req.max_tokens:
-                s.finish = "length"
-        if s.finish is not None and not (s.req.stop or s.req.on_text):
+        elif len(s.ids) >= s.req.max_tokens:
+            s.finish = "length"
+        if s.detok is not None:  # streamed or stop strings: the text as it grows
+            before = len(s.text)
+            if s.finish is None:
+                s.detok.add(self.tokenizer, s.ids)
+            else:  # the last token: also whatever an incomplete character held back
+                s.detok.finish(self.tokenizer, s.ids)
+            s.text = s.detok.text
+            if s.req.stop and len(s.text) > before:
+                start = max(0, before - s.holdback)
+                cuts = [c for c in (s.text.find(x, start) for x in s.req.stop if x) if c >= 0]
+                if cuts:
+                    s.text, s.finish = s.text[:min(cuts)], "stop"
+        elif s.finish is not None:  # decoded once, at the end
             s.text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
         if s.req.on_text:
             end = len(s.text) if s.finish else len(s.text) - s.holdback
-            while end > s.sent and s.text[end - 1] == "\ufffd" and not s.finish:  # a character still incomplete
-                end -= 1
             if end > s.sent:
                 try:
                     s.req.on_text(s.text[s.sent:end])
