@@ -1,10 +1,13 @@
-"""Wall time per stage of the demo and the share of Atlas the student keeps.
+"""Wall time per stage of the demo and the share of Atlas the student keeps, scaled to the reference machine.
 
-    .venv/bin/python benchmarks/demo.py [--runs 1] [--modes served,in-process]
+    .venv/bin/python benchmarks/demo.py [--runs 1] [--modes served,in-process] [--dtype float32] [--speed-factor X]
 
 Runs `stillhouse demo --force` in a fresh run directory (the same code path as `make demo`:
 Atlas behind `stillhouse serve`), and `--in-process` (Atlas loaded by the `hf` backend) side by
-side, then writes the figures into BENCHMARKS.md.
+side, then writes the figures into BENCHMARKS.md. The demo's time budget (300 s) is set on a
+slow 2-core machine without native bf16; `../shared/tools/machine-speed` says how this machine
+compares with it (or pass --speed-factor), and the table gives each total scaled to that
+machine. `--dtype float32` (the default) computes as that machine would, so the scaling holds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,48 +26,75 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def speed_factor() -> float | None:
+    """This machine's speed against the reference machine, from the shared machine-speed tool where present."""
+    tool = ROOT.parent / "shared" / "tools" / "machine-speed"
+    if not tool.exists():
+        return None
+    out = subprocess.run([str(tool), sys.executable], capture_output=True, text=True, cwd=ROOT).stdout
+    m = re.search(r"about ([0-9.]+)x the reference machine", out)
+    return float(m.group(1)) if m else None
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--modes", default="served,in-process")
+    ap.add_argument("--dtype", default="float32", help="STILLHOUSE_DTYPE for the run ('auto' leaves it to the machine)")
+    ap.add_argument("--speed-factor", type=float, default=None)
     args = ap.parse_args()
+    factor = args.speed_factor or speed_factor()
+    env = {**os.environ}
+    if args.dtype != "auto":
+        env["STILLHOUSE_DTYPE"] = args.dtype
     rows = []
     for i, mode in [(i, m) for i in range(args.runs) for m in args.modes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
             subprocess.run([sys.executable, "-m", "stillhouse.cli", "demo", "--out", tmp, "--force",
-                            *(["--in-process"] if mode == "in-process" else [])], check=True)
+                            *(["--in-process"] if mode == "in-process" else [])], check=True, env=env)
             wall = time.time() - t0
-            stages = {s: json.loads((Path(tmp) / "stages" / f"{s}.json").read_text())
-                      for s in ("generate", "train", "evaluate", "report")}
+            stages = {m["stage"]: m for m in (json.loads(p.read_text()) for p in (Path(tmp) / "stages").glob("*.json"))}
             res = json.loads((Path(tmp) / "eval" / "results.json").read_text())
-        rows.append({"mode": mode, "wall": wall, "stages": {s: m["seconds"] for s, m in stages.items()}, "res": res,
+        models = {m["name"]: m for m in res["models"]}
+        rows.append({"mode": mode, "wall": wall, "stages": {s: m["seconds"] for s, m in stages.items()}, "models": models,
                      "train": stages["train"]["counts"]})
-        print(json.dumps(rows[-1]["stages"]), f"share kept {res['share_kept']:.3f}", flush=True)
+        print(json.dumps(rows[-1]["stages"]), f"share kept {models['student']['share_kept']:.3f}", flush=True)
+    names = ["generate", "train", "evaluate", "report"]
+    scale = f"{factor:.2f}x" if factor else "unknown"
     lines = [
         "## Demo: wall time per stage and share kept",
         "",
-        f"Command: `.venv/bin/python benchmarks/demo.py --runs {args.runs} --modes {args.modes}` "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}).",
+        f"Command: `.venv/bin/python benchmarks/demo.py --runs {args.runs} --modes {args.modes} --dtype {args.dtype}` "
+        f"({platform.machine()}, {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; "
+        f"`../shared/tools/machine-speed`: this machine is **{scale}** the reference machine, so 300 s there is "
+        f"{f'{300 / factor:.0f} s' if factor else 'unknown'} here).",
         "",
         "`served` is `make demo`: Atlas behind `stillhouse serve --watermark` in its own process, generation "
-        "through the `openai` backend over HTTP. `in-process` is `stillhouse demo --in-process`: the `hf` backend.",
+        "through the `openai` backend over HTTP. `in-process` is `stillhouse demo --in-process`: the `hf` backend. "
+        f"Compute dtype: {args.dtype} (the reference machine has no native bf16).",
         "",
-        "| run | teacher | generate s | train s | evaluate s | report s | total s | teacher acc | base acc | student acc | share kept | train tok/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | teacher | " + " | ".join(f"{n} s" for n in names) + " | total s | total on the reference machine "
+        "(x factor) | teacher acc | base acc | student acc | share kept | train tok/s |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, r in enumerate(rows, 1):
-        s, a = r["stages"], r["res"]["accuracy"]
-        lines.append(f"| {i} | {r['mode']} | {s['generate']:.1f} | {s['train']:.1f} | {s['evaluate']:.1f} | {s['report']:.1f} | "
-                     f"{r['wall']:.1f} | {a['teacher']:.1%} | {a['base']:.1%} | {a['student']:.1%} | "
-                     f"{r['res']['share_kept']:.1%} | {r['train']['tokens_per_second']:,.0f} |")
-    fam = rows[0]["res"]["accuracy_by_family"]
+        s, m = r["stages"], r["models"]
+        ref = f"{r['wall'] * factor:.0f}" if factor else "n/a"
+        lines.append(f"| {i} | {r['mode']} | " + " | ".join(f"{s.get(n, 0):.1f}" for n in names) + f" | {r['wall']:.1f} | "
+                     f"{ref} | {m['teacher']['accuracy']:.1%} | {m['base']['accuracy']:.1%} | "
+                     f"{m['student']['accuracy']:.1%} | {m['student']['share_kept']:.1%} | "
+                     f"{r['train']['tokens_per_second']:,.0f} |")
+    m0 = rows[0]["models"]
     lines += ["", f"Per family, run 1 ({rows[0]['mode']}; base / student / teacher):", "",
               "| family | base | student | teacher |", "| --- | --- | --- | --- |"]
-    lines += [f"| {f} | {fam['base'][f]:.1%} | {fam['student'][f]:.1%} | {fam['teacher'][f]:.1%} |" for f in fam["teacher"]]
-    p = rows[-1]["res"]["parameters"]
-    lines += ["", f"Parameters: teacher {p['teacher']:,}, student {p['student']:,} ({p['student'] / p['teacher']:.2f}x)."]
+    lines += [f"| {f} | {m0['base']['accuracy_by_family'][f]:.1%} | {m0['student']['accuracy_by_family'][f]:.1%} | "
+              f"{m0['teacher']['accuracy_by_family'][f]:.1%} |" for f in m0["teacher"]["accuracy_by_family"]]
+    pt, ps = m0["teacher"]["parameters"], m0["student"]["parameters"]
+    lines += ["", f"Parameters: teacher {pt:,}, student {ps:,} ({ps / pt:.2f}x)."]
     write_section("demo", "\n".join(lines))
 
 

@@ -42,8 +42,8 @@ def print_headline(h: dict) -> None:
         console.print(f"\n[bold]report[/]: {h['report']}")
     for m in h["models"]:
         kept = f"  share of teacher kept [bold]{pct(m['share_kept'])}[/]" if m["role"] != "teacher" else ""
-        console.print(f"{m['role']:>8} [bold]{m['name']}[/]: accuracy [bold]{pct(m['accuracy'])}[/]"
-                      f"{params(m['parameters'])}{kept}")
+        who = m["name"] if m["name"] == m["role"] else f"{m['name']} ({m['role']})"
+        console.print(f"[bold]{who}[/]: accuracy [bold]{pct(m['accuracy'])}[/]{params(m['parameters'])}{kept}")
     if h.get("wall_seconds") is not None:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in h["stage_seconds"].items())
         console.print(f"total wall time {h['wall_seconds']:.0f} s ({stages})")
@@ -103,14 +103,20 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               max_batch: int = typer.Option(64, help="most requests decoded together (continuous batching)"),
               window_ms: float = typer.Option(10.0, help="when idle, how long to wait for company after a request"),
               device: str = typer.Option("auto", help="cpu, cuda or auto"),
+              dtype: str = typer.Option("auto", help="compute dtype: float32, bfloat16, float16, or auto (bf16 where "
+                                                     "the hardware runs it natively, else fp32; the choice is logged)"),
               watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`")) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from stillhouse.serve import serve
     from stillhouse.ui import console
 
     console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
+    from stillhouse.teachers.hf import DTYPES
+
+    if dtype not in DTYPES:
+        raise StillhouseError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
-          window_ms=window_ms, device=device, watermark=str(watermark) if watermark else None)
+          window_ms=window_ms, device=device, dtype=dtype, watermark=str(watermark) if watermark else None)
 
 
 @app.command("chat")

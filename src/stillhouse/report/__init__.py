@@ -78,8 +78,10 @@ def render(recipe, run: RunDir) -> str:
     head = "".join(f"<th>{e(m['name'])}</th>" for m in shown)
     rows = "".join(f"<tr><td>{e(f)}</td>" + "".join(f"<td>{_pct(m['accuracy_by_family'].get(f))}</td>" for m in shown)
                    + "</tr>" for f in fams)
+    root = str(run.root.resolve())
     model_rows = "".join(
-        f"<tr><td>{e(m['name'])}</td><td>{e(m['role'])}</td><td><code>{e(m['spec'])}</code></td>"
+        f"<tr><td>{e(m['name'])}</td><td>{e(m['role'])}</td>"
+        f"<td><code>{e(m['spec'].replace(root + '/', ''))}</code></td>"
         f"<td>{_params(m.get('parameters'))}</td><td>{_pct(m['accuracy'])}</td><td>{_pct(m.get('share_kept'))}</td></tr>"
         for m in shown)
     stage_rows = "".join(f"<tr><td>{e(s)}</td><td>{t:.1f} s</td></tr>" for s, t in timings.items())
@@ -115,7 +117,7 @@ code {{ background: #f5f5f5; padding: 0 .3em; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>stillhouse report: {e(recipe.name)}</h1>
-<p>Teacher <code>{e(recipe.teacher.spec)}</code> distilled into {len(students)} student(s) ({student_names}),
+<p>Teacher <code>{e(recipe.teacher.spec)}</code> distilled into {'the student' if len(students) == 1 else f'{len(students)} students'} ({student_names}),
 evaluated on <code>{e(res['benchmark'])}</code> ({res['items']} held-out items, {e(res.get('verifier', 'exact match'))}).</p>
 <div class="headline">{''.join(cards)}</div>
 <h2>Accuracy per task family</h2>

@@ -9,6 +9,7 @@ depend on what else shares its batch) and one logprob helper.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import FIRST_COMPLETED, wait
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +54,13 @@ def compute_dtype(device: str, requested: str = "auto") -> tuple[str, str]:
     """
     if requested != "auto":
         return requested, "asked for"
+    forced = os.environ.get("STILLHOUSE_DTYPE")
+    if forced:  # one switch for every local model of a run, the served teacher's process included
+        if forced not in DTYPES[1:]:
+            from stillhouse.errors import StillhouseError
+
+            raise StillhouseError(f"STILLHOUSE_DTYPE must be one of {', '.join(DTYPES[1:])}, not {forced!r}")
+        return forced, "STILLHOUSE_DTYPE"
     if device.startswith("cuda"):
         import torch
 
