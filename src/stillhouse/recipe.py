@@ -33,7 +33,7 @@ class TeacherSpec(_Strict):
     parameters: int | None = Field(None, ge=1, description="the teacher's size, for reports, when it cannot be read "
                                                           "from a local checkpoint (an API teacher)")
 
-    def identity(self) -> dict:
+    def cache_identity(self) -> dict:
         """This teacher as a finished stage's config records it: what determines its answers (the model, its
         weights when local, every non-transport option), never how it is reached (endpoint, port, concurrency)."""
         from stillhouse.teachers import answer_identity
@@ -98,11 +98,24 @@ class PromptsSpec(_Strict):
 
 
 class GenerationSpec(_Strict):
+    method: str = Field("responses", description="a registered generation method: responses, reasoning, rejection, "
+                                                 "self_instruct, evol_instruct, or a plug-in's")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options")
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     samples_per_prompt: int = Field(1, ge=1)
+
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, v: dict, info: ValidationInfo) -> dict:
+        method = info.data.get("method")
+        if method:
+            from stillhouse.generate.methods import method_options
+
+            method_options(method, v)
+        return v
 
 
 class LoraSpec(_Strict):

@@ -76,11 +76,16 @@ def read_rows(path: str | Path, needed: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
-def load_prompts(source: str, n: int | None, seed: int) -> list[list[dict]]:
-    """The prompt set as chat message lists: a registered source, or a file whose rows have a `prompt` string or a
-    `messages` list (a trailing assistant turn is dropped)."""
+def load_prompt_items(source: str, n: int | None, seed: int) -> list[dict]:
+    """The prompt set as items `{messages, answer, family}` (answer and family None where unknown).
+
+    A registered source returns chat message lists or such items; a file's rows have a `prompt` string or a
+    `messages` list (a trailing assistant turn is dropped), and optionally an `answer` (a reference a verifier can
+    check, for rejection sampling) and a `family`.
+    """
     if source in PROMPT_SOURCES:
-        return PROMPT_SOURCES.get(source)(n or 2000, seed)
+        raw = PROMPT_SOURCES.get(source)(n or 2000, seed)
+        return [it if isinstance(it, dict) else {"messages": it, "answer": None, "family": None} for it in raw]
     out = []
     for i, row in enumerate(read_rows(source, ("prompt", "messages")), 1):
         msgs = row.get("messages")
@@ -97,10 +102,17 @@ def load_prompts(source: str, n: int | None, seed: int) -> list[list[dict]]:
             msgs = [{"role": "user", "content": row["prompt"]}]
         else:
             raise StillhouseError(f"{source}: row {i} has neither a non-empty 'prompt' string nor a 'messages' list")
-        out.append(msgs)
+        answer = row.get("answer")
+        out.append({"messages": msgs, "answer": None if answer is None else str(answer),
+                    "family": None if row.get("family") is None else str(row["family"])})
     if not out:
         raise StillhouseError(f"{source}: no prompts in the file")
     return out[:n] if n else out
+
+
+def load_prompts(source: str, n: int | None, seed: int) -> list[list[dict]]:
+    """The prompt set as chat message lists (see `load_prompt_items`)."""
+    return [it["messages"] for it in load_prompt_items(source, n, seed)]
 
 
 def load_benchmark(source: str, n_per_family: int, seed: int) -> list[dict]:

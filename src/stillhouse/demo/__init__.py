@@ -17,11 +17,12 @@ def packaged_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()} if ASSETS.is_dir() else {}
 
 
-def world_prompts(n: int, seed: int) -> list[list[dict]]:
-    """The `world` prompt source: `n` prompts of the world's train split, one user turn each."""
+def world_prompts(n: int, seed: int) -> list[dict]:
+    """The `world` prompt source: `n` prompts of the world's train split, one user turn each, with their answers."""
     from stillhouse.demo import world
 
-    return [[{"role": "user", "content": t.prompt}] for t in world.sample_tasks(n, "train", seed)]
+    return [{"messages": [{"role": "user", "content": t.prompt}], "answer": t.answer, "family": t.family}
+            for t in world.sample_tasks(n, "train", seed)]
 
 
 def world_benchmark(n_per_family: int, seed: int) -> list[dict]:

@@ -74,7 +74,7 @@ class EvaluateStage(Stage):
     always = True
 
     def config(self, recipe) -> dict:
-        return {"evaluate": recipe.evaluate.model_dump(), "teacher": recipe.teacher.identity(),
+        return {"evaluate": recipe.evaluate.model_dump(), "teacher": recipe.teacher.cache_identity(),
                 "bases": [s.base for s in recipe.students], "controls": [c.model_dump() for c in recipe.controls]}
 
     def execute(self, recipe, run: RunDir) -> StageResult:

@@ -14,18 +14,14 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillhouse.calls import CallBatch, Ledger, ModelRef, call_models
+from stillhouse.calls import Ledger, ModelRef
 from stillhouse.errors import StillhouseError
-from stillhouse.rundir import RunDir, hash_path, tagged_hash
-from stillhouse.sources import PROMPT_SOURCES, load_prompts
+from stillhouse.generate.methods import METHODS, GenContext, Sample, method_options, tag_of
+from stillhouse.rundir import RunDir, hash_path
+from stillhouse.sources import PROMPT_SOURCES, load_prompt_items
 from stillhouse.stages import Stage, StageResult
 from stillhouse.teachers import Request
 from stillhouse.ui import console
-
-# The "responses" method sends each prompt verbatim as one user turn.
-METHOD = "responses"
-RESPONSES_TEMPLATE = "{prompt}"
-
 
 def teacher_ref(recipe) -> ModelRef:
     t = recipe.teacher
@@ -42,11 +38,6 @@ def check_terms(recipe) -> None:
                               "(it is recorded in the cards)")
 
 
-def method_tag() -> dict:
-    """What the cache key records of how a request was made: the method and its prompt template."""
-    return {"method": METHOD, "template": tagged_hash(RESPONSES_TEMPLATE)}
-
-
 class GenerateStage(Stage):
     name = "generate"
     summary = "Have the teacher answer the prompt set → data/generated.parquet (every call through the ledger)."
@@ -56,87 +47,100 @@ class GenerateStage(Stage):
     flags = {"dry_run": "print the calls and worst-case cost; make none"}
 
     def config(self, recipe) -> dict:
-        return {"teacher": recipe.teacher.identity(), "prompts": recipe.prompts.model_dump(),
-                "generation": recipe.generation.model_dump(), "use": recipe.use.model_dump(), "method": method_tag()}
+        return {"teacher": recipe.teacher.cache_identity(), "prompts": recipe.prompts.model_dump(),
+                "generation": recipe.generation.model_dump(), "use": recipe.use.model_dump()}
 
     def inputs(self, recipe, run: RunDir) -> dict:
         src = recipe.prompts.source
-        return {"prompts": src if src in PROMPT_SOURCES else hash_path(src)}
+        out = {"prompts": src if src in PROMPT_SOURCES else hash_path(src)}
+        seeds = recipe.generation.options.get("seeds")
+        if seeds:
+            out["seeds"] = hash_path(seeds)
+        return out
 
     def check(self, recipe, run: RunDir) -> None:
         check_terms(recipe)
         p = recipe.prompts
-        self._prompts = load_prompts(p.source, p.n, p.seed)  # a bad prompts file stops here, before anything changes
-
-    def requests(self, recipe) -> tuple[list[list[dict]], list[Request]]:
-        p, g = recipe.prompts, recipe.generation
-        prompts = getattr(self, "_prompts", None) or load_prompts(p.source, p.n, p.seed)
-        reqs = [Request(messages=tuple(m), max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
-                        seed=g.seed, sample_index=k) for m in prompts for k in range(g.samples_per_prompt)]
-        return prompts, reqs
+        self._items = load_prompt_items(p.source, p.n, p.seed)  # a bad prompts file stops here, before anything changes
 
     def execute(self, recipe, run: RunDir, dry_run: bool = False) -> StageResult | None:
-        prompts, reqs = self.requests(recipe)
+        p, g = recipe.prompts, recipe.generation
+        items = getattr(self, "_items", None) or load_prompt_items(p.source, p.n, p.seed)
         teacher = teacher_ref(recipe)
+        method = METHODS.get(g.method)()
+        opts = method_options(g.method, g.options)
         ledger = Ledger(run.ledger)
         try:
             if dry_run:
-                return self._dry_run(recipe, teacher, reqs, ledger)
-            batch = call_models(teacher, reqs, ledger, stage="generate", label="generate", tag=method_tag())
+                return self._dry_run(recipe, teacher, items, ledger)
+            ctx = GenContext(recipe, teacher, ledger, items, run.ledger)
+            result = method.run(ctx, opts)
         finally:
             ledger.close()
-        batch.raise_if_incomplete("generate", run.ledger, teacher.max_cost_usd)
-        rows = _rows(recipe, reqs, batch)
+        rows = _rows(recipe, result.samples)
+        if not rows:
+            raise StillhouseError(f"generate: the {g.method} method kept no sample ({json.dumps(result.counts)})")
         run.generated.parent.mkdir(parents=True, exist_ok=True)
         tmp = run.generated.with_suffix(".parquet.tmp")
         pq.write_table(pa.Table.from_pylist(rows), tmp)
         tmp.replace(run.generated)
-        counts = {"samples": len(rows), "prompts": len(prompts), "cache_hits": batch.cache_hits,
-                  "calls_made": batch.made, "call_seconds": round(batch.seconds, 3),
-                  "calls_per_second": round(batch.made / batch.seconds, 2) if batch.made else None,
+        calls = {s.key: s.call for s in result.samples}
+        st = ctx.stats
+        counts = {"samples": len(rows), "prompts": len(items), "method": g.method, **result.counts,
+                  "cache_hits": st["cache_hits"], "calls_made": st["calls_made"],
+                  "call_seconds": round(st["call_seconds"], 3),
+                  "calls_per_second": round(st["calls_made"] / st["call_seconds"], 2) if st["calls_made"] else None,
                   "truncated": sum(r["finish_reason"] == "length" for r in rows),
                   "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
                   "completion_tokens": sum(r["completion_tokens"] for r in rows),
-                  "cost_usd": round(sum(r["cost_usd"] for r in rows), 6)}
+                  "cost_usd": round(sum(c.cost_usd for c in calls.values()), 6)}
         return StageResult({"generated": run.generated}, counts)
 
     @staticmethod
-    def _dry_run(recipe, teacher: ModelRef, reqs: list[Request], ledger: Ledger) -> None:
+    def _dry_run(recipe, teacher: ModelRef, items: list[dict], ledger: Ledger) -> None:
         from stillhouse.calls.call import plan
         from stillhouse.calls.costs import estimate_prompt_tokens
 
-        keys = plan(teacher, reqs, method_tag())
+        g = recipe.generation
+        if g.method not in ("responses", "reasoning", "rejection"):
+            raise StillhouseError(f"generate --dry-run: the {g.method} method's calls depend on the teacher's earlier "
+                                  "answers, so they cannot be listed before it runs")
+        k = method_options(g.method, g.options).k if g.method == "rejection" else g.samples_per_prompt
+        reqs = [Request(messages=tuple(it["messages"]), max_tokens=g.max_tokens, temperature=g.temperature,
+                        top_p=g.top_p, seed=g.seed, sample_index=j) for it in items for j in range(k)]
+        method = METHODS.get(g.method)
+        keys = plan(teacher, reqs, tag_of(g.method, method.TEMPLATE))
         cached = ledger.get_many(keys)
-        missing = [r for r, k in zip(reqs, keys) if k not in cached]
+        missing = [r for r, key in zip(reqs, keys) if key not in cached]
         price = teacher.priced()
         worst = sum(price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in missing)
-        g = recipe.generation
         console.print(f"generate --dry-run: {len(reqs)} samples, {len(cached)} already in the ledger, "
                       f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost "
                       f"${worst:.4f} (every answer at max_tokens={g.max_tokens}; "
                       f"price ${price.input_per_million}/${price.output_per_million} per M tokens in/out)")
 
 
-def _rows(recipe, reqs: list[Request], batch: CallBatch) -> list[dict]:
+def _rows(recipe, samples: list[Sample]) -> list[dict]:
     backend, model = recipe.teacher.spec.split(":", 1)
-    template_hash = method_tag()["template"]
+    method = recipe.generation.method
     rows = []
-    for i, r in enumerate(reqs):
-        k = batch.keys[i]
-        call = batch.calls[k]
-        c = call.completion
+    for s in samples:
+        c = s.call.completion
         rows.append({
-            "messages": [*r.messages, {"role": "assistant", "content": c.text}],
+            "messages": s.messages,
             "reasoning": c.reasoning, "finish_reason": c.finish_reason,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost_usd": call.cost_usd,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost_usd": s.call.cost_usd,
             "teacher_backend": backend, "teacher_model": model,
             "reported_model": c.model, "system_fingerprint": c.system_fingerprint,
-            "sampling_params": json.dumps(r.params(), sort_keys=True), "sample_index": r.sample_index,
-            "generation_method": METHOD, "prompt_template_hash": template_hash, "ledger_key": k,
+            "sampling_params": json.dumps(s.request.params(), sort_keys=True), "sample_index": s.request.sample_index,
+            "generation_method": method, "prompt_template_hash": None, "ledger_key": s.key,
             "teacher_terms": recipe.teacher.terms,
-            "created_at": datetime.fromtimestamp(call.created_at, timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.fromtimestamp(s.call.created_at, timezone.utc).isoformat(timespec="seconds"),
+            **s.columns,
         })
-    return rows
+    # a method's own columns (pass_rate, evolved_from, ...) exist in every row, null where they do not apply
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in names} for r in rows]
 
 
 STAGE = GenerateStage
