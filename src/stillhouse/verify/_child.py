@@ -7,7 +7,7 @@ reports the outcome on the status pipe as nonce-tagged JSON lines. Only the stan
 library is used: with -I -S no site-packages are on the path.
 """
 
-import builtins
+import errno
 import json
 import os
 import resource
@@ -73,7 +73,7 @@ def main() -> None:
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a full disk or closed stream must not hide the outcome
                 pass
-        send({"event": "done", "outcome": outcome, "detail": detail})
+        send({"event": "done", "outcome": outcome, "detail": detail[:1000]})  # an assert may carry megabytes
         os._exit(0 if outcome == "passed" else 1)  # skips atexit hooks and threads the program left
 
     # A real module, so dataclasses, pickle and typing find it in sys.modules; not __main__,
@@ -84,12 +84,13 @@ def main() -> None:
     sys.argv = ["solution.py"]
     for label, source in (("program", job["program"]), ("tests", job["tests"])):
         filename = "solution.py" if label == "program" else "tests.py"
+        failed = "error" if label == "program" else "failed"
         try:
             code = compile(source, filename, "exec")
         except SyntaxError as e:
-            done("error", f"syntax error in the {label}: {e.msg} (line {e.lineno})")
+            done(failed, f"syntax error in the {label}: {e.msg}" + (f" (line {e.lineno})" if e.lineno else ""))
         except (ValueError, MemoryError) as e:
-            done("error", f"the {label} does not compile: {type(e).__name__}: {e}")
+            done(failed, f"the {label} does not compile: {type(e).__name__}: {e}")
         try:
             exec(code, module.__dict__)
         except MemoryError:
@@ -103,11 +104,11 @@ def main() -> None:
         except SandboxViolation as e:
             done("blocked", str(e))
         except OSError as e:
-            if e.errno == 27:  # EFBIG: RLIMIT_FSIZE, most often stdout grown past it
+            if e.errno == errno.EFBIG:  # RLIMIT_FSIZE, most often stdout grown past it
                 done("file_size", "")
-            done("error" if label == "program" else "failed", _describe(e, filename, source))
+            done(failed, _describe(e, filename, source))
         except BaseException as e:  # noqa: BLE001 - whatever the code raised is its verdict
-            done("error" if label == "program" else "failed", _describe(e, filename, source))
+            done(failed, _describe(e, filename, source))
     done("passed")
 
 

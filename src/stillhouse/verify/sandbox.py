@@ -27,7 +27,9 @@ What holds where the OS allows it (`SandboxResult.isolation` says what this run 
 * Network: the child moves itself into a new network namespace (`unshare(CLONE_NEWNET)`,
   as root, else inside a new user namespace where unprivileged ones are allowed). That
   namespace has only a loopback device, down: no socket reaches the host's 127.0.0.1 or
-  anything outside, however it is made (ctypes included). Where neither is permitted
+  anything outside, however it is made (ctypes included). Unix sockets bound to a path
+  are files, not network: the namespace does not hide them (file permissions do, for
+  `nobody`; the Python-level block covers every socket). Where neither is permitted
   (some containers), only the Python-level block below stands between the program and
   the network.
 * User: started as root, the child becomes `nobody` before the program runs, so
