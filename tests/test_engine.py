@@ -355,3 +355,35 @@ def test_a_logit_bias_outside_the_vocabulary_fails_only_its_request(engine):
     with pytest.raises(ValueError, match="logit_bias"):
         bad.result(timeout=60)
     assert good.result(timeout=60).token_ids
+
+
+def test_rows_moved_and_prefilled_in_groups_still_match_generate_alone(tiny_models):
+    """Short and long requests, prefilled in several length groups: finished rows' places are taken by live ones."""
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=50, dtype="float32")
+    e.PREFILL_TOKENS = 40  # a few prompts per prefill group
+    try:
+        prompts = [_ids(e, p) for p in PROMPTS + ["Tell me about rivers.", "Name a stone."]]
+        lengths = [3, 30, 5, 24, 9, 17, 2, 12]
+        got = [f.result(timeout=60) for f in [e.submit(GenRequest(i, n, temperature=0.0))
+                                              for i, n in zip(prompts, lengths)]]
+        for ids, n, res in zip(prompts, lengths, got):
+            assert res.token_ids == _alone(e, ids, n)
+        assert e.batches_run >= 3 and e.largest_batch == 8
+    finally:
+        e.close()
+
+
+def test_models_without_plain_full_attention_caches_run_in_cohorts(tiny_models, monkeypatch):
+    from stillhouse.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module._SlotBatch, "supports", staticmethod(lambda model: False))
+    e = Engine(str(tiny_models["teacher"]), max_batch=4, window_ms=50, dtype="float32")
+    try:
+        prompts = [_ids(e, p) for p in PROMPTS[:4]]
+        got = [f.result(timeout=60) for f in [e.submit(GenRequest(i, n, temperature=0.0))
+                                              for i, n in zip(prompts, (4, 20, 8, 14))]]
+        for ids, n, res in zip(prompts, (4, 20, 8, 14), got):
+            assert res.token_ids == _alone(e, ids, n)
+        assert isinstance(e._batch, engine_module._CohortBatch)
+    finally:
+        e.close()
