@@ -66,6 +66,14 @@ else:
 """
 
 
+def cpu_stall_us() -> int | None:
+    """Microseconds that some runnable task has waited for a CPU (Linux PSI), all processes counted."""
+    try:
+        return int(Path("/proc/pressure/cpu").read_text().split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -241,7 +249,10 @@ def main() -> None:
     results = {}
     for label, fn in runs:
         label = label.format(c=args.before)
+        stall0, t0 = cpu_stall_us(), time.perf_counter()
         r = fn()
+        stall1, elapsed = cpu_stall_us(), time.perf_counter() - t0
+        r["stall"] = None if stall0 is None or stall1 is None else (stall1 - stall0) / 1e6 / elapsed
         r["gen"] = gen_tokens(tok, r["texts"], r["finish"])
         results[label] = r
         print(f"{label}: {r['wall']:.1f} s, {r['gen'] / r['wall']:,.0f} generated tokens/s, usage {r['usage']}, "
@@ -263,8 +274,8 @@ def main() -> None:
              f"so the compute limit is {gflops:.0f} GFLOP/s / {FLOP_PER_TOKEN / 1e6:.2f} MFLOP = **{limit:,.0f} tokens/s**. "
              f"Machine speed (`../shared/tools/machine-speed`): **{factor}** the reference machine.", "",
              "| server | wall s | generated tokens/s | of the limit | prompt + generated tokens/s | of the limit | "
-             "x before (bf16) | x before (fp32) | answers equal to after's |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "x before (bf16) | x before (fp32) | answers equal to after's | CPU stall |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in results.items():
         tps = r["gen"] / r["wall"]
         all_tps = (r["gen"] + prompt_tokens) / r["wall"]
@@ -273,10 +284,13 @@ def main() -> None:
         lines.append(f"| {label} | {r['wall']:.1f} | {tps:,.0f} | {tps / limit:.1%} | {all_tps:,.0f} | "
                      f"{all_tps / limit:.1%} | {tps / (before_bf16['gen'] / before_bf16['wall']):.2f}x | "
                      f"{tps / (before_fp32['gen'] / before_fp32['wall']):.2f}x | {same}/{args.n}"
-                     + (f" ({args.n - answered} not answered: {r['errors'][:1]})" if answered < args.n else "") + " |")
+                     + (f" ({args.n - answered} not answered: {r['errors'][:1]})" if answered < args.n else "")
+                     + f" | {'?' if r['stall'] is None else format(r['stall'], '.0%')} |")
     lines += ["", f"Prompt tokens: {prompt_tokens:,}; generated (after): {after['gen']:,} "
-              f"(the server's own usage count: {after['usage']:,}).", "", "machine-speed output:", "", "```",
-              speed_out, "```"]
+              f"(the server's own usage count: {after['usage']:,}). CPU stall: the share of the run's wall time in which "
+              "some runnable task waited for a CPU (Linux PSI `/proc/pressure/cpu`, every process on the machine, this "
+              "benchmark's own client and server included); other people's jobs on this shared machine raise it.",
+              "", "machine-speed output:", "", "```", speed_out, "```"]
     write_section("engine", "\n".join(lines))
     print("\n".join(lines))
 

@@ -274,12 +274,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         results = await run(reqs)
         usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.token_ids) for r in results),
                  "total_tokens": len(ids) + sum(len(r.token_ids) for r in results)}
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "system_fingerprint": engine.fingerprint,
-                "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": chat_logprobs(r), "finish_reason": r.finish_reason}
-                            for k, r in enumerate(results)],
-                "usage": usage}
+        # plain dicts and strings already: a JSONResponse skips FastAPI's jsonable_encoder walk, per-request work on
+        # the event loop that the engine thread competes with
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                             "system_fingerprint": engine.fingerprint,
+                             "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
+                                          "logprobs": chat_logprobs(r), "finish_reason": r.finish_reason}
+                                         for k, r in enumerate(results)],
+                             "usage": usage})
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest):
@@ -343,9 +345,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                           "top_logprobs": [({tok.decode([i]): v for i, v in x["top"]} if x["top"] else None) for x in items],
                           "text_offset": offs}
                 choices.append({"index": len(choices), "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "system_fingerprint": engine.fingerprint, "choices": choices,
-                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}
+        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                             "created": int(time.time()), "model": model_name, "system_fingerprint": engine.fingerprint,
+                             "choices": choices,
+                             "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
 
     return app
 
