@@ -143,7 +143,13 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def load(url: str, model: str, prompts: list[str], concurrency: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, model: str, prompts: list[str], concurrency: int, warmup: bool = False) -> dict:
     """Every prompt once, `concurrency` at a time; answers in prompt order, and the wall time."""
     texts: list[str | None] = [None] * len(prompts)
     finish: list[str | None] = [None] * len(prompts)
@@ -167,9 +173,9 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int) -> di
             for i in next_i:
                 await one(i)
 
-        # a few answers first, outside the timing: a server may load or compile on its first request
-        await asyncio.gather(*(one(i) for i in range(min(8, len(prompts)))))
-        texts[:8], finish[:8], usage[0], errors[:] = [None] * min(8, len(prompts)), [None] * min(8, len(prompts)), 0, []
+        if warmup:  # a few answers only, outside any timing: a server may load or compile on its first requests
+            await asyncio.gather(*(one(i) for i in range(min(8, len(prompts)))))
+            return {}
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t
@@ -190,6 +196,7 @@ def main() -> None:
     ap.add_argument("--before", default="94d021f", help="the commit whose engine is 'before'")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-direct", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server gets n / rounds prompts each)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -203,60 +210,86 @@ def main() -> None:
     prompt_tokens = sum(len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"])
                         for p in prompts)
-    gflops = fp32_gflops()
-    limit = gflops * 1e9 / FLOP_PER_TOKEN
-    print(f"fp32 matmul {gflops:.0f} GFLOP/s -> at most {limit:,.0f} tokens/s", flush=True)
+    gflops_seen = [fp32_gflops()]  # sampled between rounds too: the best is the machine's, the rest is others' load
+    print(f"fp32 matmul {gflops_seen[0]:.0f} GFLOP/s", flush=True)
     before_src = before_tree(args.before)
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     before_env = {**base_env, "PYTHONPATH": str(before_src)}
     after_env = {**base_env, "PYTHONPATH": str(ROOT / "src")}
 
-    def ours(label, env, dtype, mode="http"):
-        cfg = {"mode": mode, "model": model, "max_batch": args.max_batch, "dtype": dtype}
-        if mode == "direct":
-            cfg.update(prompts=prompts, max_tokens=MAX_TOKENS)
-            out = subprocess.run([sys.executable, "-c", LAUNCH, json.dumps(cfg)], env=env, cwd=ROOT, capture_output=True,
-                                 text=True)
-            if out.returncode:
-                raise SystemExit(f"{label}: {out.stderr[-2000:]}")
-            return {**json.loads(out.stdout.strip().splitlines()[-1]), "errors": []}
-        cfg["port"] = port = free_port()
-        proc = start([sys.executable, "-c", LAUNCH, json.dumps(cfg)], env, f"http://127.0.0.1:{port}")
-        try:
-            return asyncio.run(load(f"http://127.0.0.1:{port}", "atlas", prompts, args.concurrency))
-        finally:
-            stop(proc)
+    def direct(label, env):
+        cfg = {"mode": "direct", "model": model, "max_batch": args.max_batch, "dtype": "float32", "prompts": prompts,
+               "max_tokens": MAX_TOKENS}
+        out = subprocess.run([sys.executable, "-c", LAUNCH, json.dumps(cfg)], env=env, cwd=ROOT, capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise SystemExit(f"{label}: {out.stderr[-2000:]}")
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "errors": []}
+
+    def ours(env, dtype):
+        port = free_port()
+        cfg = {"mode": "http", "model": model, "max_batch": args.max_batch, "dtype": dtype, "port": port}
+        return [sys.executable, "-c", LAUNCH, json.dumps(cfg)], env, port, "atlas"
 
     def hf_serve():
         port = free_port()
         exe = Path(sys.executable).with_name("transformers")
-        proc = start([str(exe), "serve", model, "--continuous-batching", "--dtype", "float32", "--device", "cpu",
-                      "--host", "127.0.0.1", "--port", str(port)], base_env, f"http://127.0.0.1:{port}")
-        try:
-            return asyncio.run(load(f"http://127.0.0.1:{port}", model, prompts, args.concurrency))
-        finally:
-            stop(proc)
+        return ([str(exe), "serve", model, "--continuous-batching", "--dtype", "float32", "--device", "cpu",
+                 "--host", "127.0.0.1", "--port", str(port)], base_env, port, model)
 
-    runs = [("after: stillhouse serve, float32", lambda: ours("after", after_env, "float32")),
-            ("before: stillhouse serve at {c}, dtype auto (bf16)", lambda: ours("before", before_env, "auto")),
-            ("before: stillhouse serve at {c}, float32", lambda: ours("before", before_env, "float32"))]
+    servers = {"after: stillhouse serve, float32": ours(after_env, "float32"),
+               f"before: stillhouse serve at {args.before}, dtype auto (bf16)": ours(before_env, "auto"),
+               f"before: stillhouse serve at {args.before}, float32": ours(before_env, "float32")}
     if not args.no_transformers:
-        runs.append(("transformers serve --continuous-batching --dtype float32", hf_serve))
+        servers["transformers serve --continuous-batching --dtype float32"] = hf_serve()
+    # All servers stay up and take the prompts in interleaved rounds (each round's order rotated), so that other
+    # work on this shared machine falls on all of them alike rather than on whichever ran at the wrong moment.
+    procs, results = {}, {}
+    try:
+        for label, (cmd, env, port, name) in servers.items():
+            procs[label] = start(cmd, env, f"http://127.0.0.1:{port}")
+            asyncio.run(load(f"http://127.0.0.1:{port}", name, prompts, args.concurrency, warmup=True))
+            results[label] = {"wall": 0.0, "texts": [None] * args.n, "finish": [None] * args.n, "usage": 0,
+                              "errors": [], "stall": 0.0, "cpu_own": 0.0, "cpu_idle": 0.0}
+        bounds = [round(args.n * k / args.rounds) for k in range(args.rounds + 1)]
+        labels = list(servers)
+        for r in range(args.rounds):
+            part = slice(bounds[r], bounds[r + 1])
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                cmd, env, port, name = servers[label]
+                cpu0 = {k: cpu_seconds(p.pid) for k, p in procs.items()}
+                stall0 = cpu_stall_us()
+                out = asyncio.run(load(f"http://127.0.0.1:{port}", name, prompts[part], args.concurrency))
+                stall1 = cpu_stall_us()
+                acc = results[label]
+                acc["wall"] += out["wall"]
+                acc["texts"][part], acc["finish"][part] = out["texts"], out["finish"]
+                acc["usage"] += out["usage"]
+                acc["errors"] += out["errors"]
+                acc["stall"] += 0 if stall0 is None or stall1 is None else (stall1 - stall0) / 1e6
+                for k, p in procs.items():
+                    used = cpu_seconds(p.pid) - cpu0[k]
+                    results[k]["cpu_own" if k == label else "cpu_idle"] += used
+                print(f"round {r + 1}/{args.rounds} {label}: {out['wall']:.1f} s", flush=True)
+            gflops_seen.append(fp32_gflops())
+    finally:
+        for p in procs.values():
+            stop(p)
+    for label, r in results.items():
+        r["stall"] /= r["wall"]
     if not args.no_direct:
-        runs += [("after: Engine in-process (no HTTP), float32", lambda: ours("after", after_env, "float32", "direct")),
-                 ("before: Engine at {c} in-process (no HTTP), float32",
-                  lambda: ours("before", before_env, "float32", "direct"))]
-    results = {}
-    for label, fn in runs:
-        label = label.format(c=args.before)
-        stall0, t0 = cpu_stall_us(), time.perf_counter()
-        r = fn()
-        stall1, elapsed = cpu_stall_us(), time.perf_counter() - t0
-        r["stall"] = None if stall0 is None or stall1 is None else (stall1 - stall0) / 1e6 / elapsed
+        for label, env in (("after: Engine in-process (no HTTP), float32", after_env),
+                           (f"before: Engine at {args.before} in-process (no HTTP), float32", before_env)):
+            stall0, t0 = cpu_stall_us(), time.perf_counter()
+            results[label] = direct(label, env)
+            stall1, elapsed = cpu_stall_us(), time.perf_counter() - t0
+            results[label]["stall"] = None if stall0 is None or stall1 is None else (stall1 - stall0) / 1e6 / elapsed
+    for label, r in results.items():
         r["gen"] = gen_tokens(tok, r["texts"], r["finish"])
-        results[label] = r
         print(f"{label}: {r['wall']:.1f} s, {r['gen'] / r['wall']:,.0f} generated tokens/s, usage {r['usage']}, "
               f"errors {len(r['errors'])}", flush=True)
+    gflops = max(gflops_seen)
+    limit = gflops * 1e9 / FLOP_PER_TOKEN
 
     factor, speed_out = machine_speed()
     after = results["after: stillhouse serve, float32"]
@@ -264,13 +297,15 @@ def main() -> None:
     before_fp32 = results[f"before: stillhouse serve at {args.before}, float32"]
     lines = ["## Engine: throughput against the CPU's limit", "",
              f"Command: `.venv/bin/python benchmarks/engine.py --n {args.n} --concurrency {args.concurrency} "
-             f"--max-batch {args.max_batch} --before {args.before}`{' --no-transformers' if args.no_transformers else ''}"
+             f"--max-batch {args.max_batch} --before {args.before} --rounds {args.rounds}`{' --no-transformers' if args.no_transformers else ''}"
              f"{' --no-direct' if args.no_direct else ''}", "",
              f"Workload: the demo's {args.n} training prompts, one user message each, greedy, max_tokens {MAX_TOKENS}, "
              f"{args.concurrency} concurrent HTTP clients (httpx), to Atlas ({PARAMS:,} parameters); our servers at "
-             f"`--max-batch {args.max_batch}`. Every server ran in this one run, one after another; 8 warm-up requests "
-             "before each timing.", "",
-             f"Machine: x86_64, {os.cpu_count()} CPU cores, fp32 matmul **{gflops:.0f} GFLOP/s** (1024x1024, 2 threads), "
+             f"`--max-batch {args.max_batch}`. All HTTP servers were up at once and took the prompts in {args.rounds} "
+             "interleaved rounds (order rotated each round), after 8 warm-up requests each; the in-process rows ran "
+             "after them, one after the other.", "",
+             f"Machine: x86_64, {os.cpu_count()} CPU cores, fp32 matmul **{gflops:.0f} GFLOP/s** (1024x1024, 2 threads; "
+             f"best of {len(gflops_seen)} samples between rounds, which ranged {min(gflops_seen):.0f} to {gflops:.0f}), "
              f"so the compute limit is {gflops:.0f} GFLOP/s / {FLOP_PER_TOKEN / 1e6:.2f} MFLOP = **{limit:,.0f} tokens/s**. "
              f"Machine speed (`../shared/tools/machine-speed`): **{factor}** the reference machine.", "",
              "| server | wall s | generated tokens/s | of the limit | prompt + generated tokens/s | of the limit | "
@@ -290,6 +325,8 @@ def main() -> None:
               f"(the server's own usage count: {after['usage']:,}). CPU stall: the share of the run's wall time in which "
               "some runnable task waited for a CPU (Linux PSI `/proc/pressure/cpu`, every process on the machine, this "
               "benchmark's own client and server included); other people's jobs on this shared machine raise it.",
+              "CPU used by the HTTP servers while idle (others being measured), s: "
+              + "; ".join(f"{k}: {v['cpu_idle']:.1f}" for k, v in results.items() if "cpu_idle" in v) + ".",
               "", "machine-speed output:", "", "```", speed_out, "```"]
     write_section("engine", "\n".join(lines))
     print("\n".join(lines))
