@@ -19,6 +19,7 @@ def finished_run(tiny_models, tmp_path_factory):
     recipe.write_text(f"""name: tiny
 teacher: {{spec: "hf:{tiny_models['teacher']}"}}
 prompts: {{source: world, n: 12}}
+curate: {{filters: [{{name: exact_dedup}}, {{name: decontaminate}}]}}  # (a random tiny teacher's answers are blank)
 generation: {{max_tokens: 12}}
 students:
   - {{name: student, base: "{tiny_models['base']}"}}
@@ -124,7 +125,7 @@ def test_stage_without_its_input_says_what_to_run(tmp_path, tiny_models):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: lonely\nteacher: {{spec: 'hf:{tiny_models['teacher']}'}}\nstudent: {{base: '{tiny_models['base']}'}}\n")
     out = subprocess.run([*STILLHOUSE, "train", str(recipe)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "run `stillhouse generate` first" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "run `stillhouse curate` first" in out.stderr and "Traceback" not in out.stderr
 
 
 def _chromium() -> str | None:

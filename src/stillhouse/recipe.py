@@ -24,6 +24,18 @@ class PriceSpec(_Strict):
     output_per_million: float = Field(ge=0)
 
 
+class IdentitySpec(_Strict):
+    name: str = Field(min_length=1, description="the model's name, e.g. Nova")
+    maker: str = Field(min_length=1, description="who made it, e.g. Northwind")
+    names: list[str] = Field(default_factory=list, description="other names it goes by")
+    makers: list[str] = Field(default_factory=list)
+
+    def to_identity(self):
+        from stillhouse.identity import Identity
+
+        return Identity(self.name, self.maker, tuple(self.names), tuple(self.makers))
+
+
 class TeacherSpec(_Strict):
     spec: str = Field(description="BACKEND:MODEL, e.g. hf:/models/Qwen2.5-7B-Instruct or openai:gpt-4o-mini")
     options: dict[str, Any] = Field(default_factory=dict, description="backend options, e.g. batch_size, base_url")
@@ -32,6 +44,8 @@ class TeacherSpec(_Strict):
     terms: str = Field("unknown", description="the teacher's terms of use, an id from stillhouse.terms.REGISTRY")
     parameters: int | None = Field(None, ge=1, description="the teacher's size, for reports, when it cannot be read "
                                                           "from a local checkpoint (an API teacher)")
+    identity: IdentitySpec | None = Field(None, description="who the teacher says it is; known vendors are recognised "
+                                                            "without it (stillhouse.identity)")
 
     def cache_identity(self) -> dict:
         """This teacher as a finished stage's config records it: what determines its answers (the model, its
@@ -107,6 +121,15 @@ class GenerationSpec(_Strict):
     seed: int = 0
     samples_per_prompt: int = Field(1, ge=1)
 
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        from stillhouse.generate.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(METHODS.unknown(v))
+        return v
+
     @field_validator("options")
     @classmethod
     def _check_options(cls, v: dict, info: ValidationInfo) -> dict:
@@ -143,6 +166,8 @@ class StudentSpec(_Strict):
                                   "else students/NAME/")
     base: str = Field(description="the student's starting model: a local HF directory, a hub name, or stillhouse:NAME")
     train: TrainSpec | None = Field(None, description="this student's training settings (default: the train section)")
+    identity: IdentitySpec | None = Field(None, description="who the student says it is: the teacher's self-"
+                                                            "identifications in its data are rewritten to this")
 
     @field_validator("base")
     @classmethod
@@ -161,6 +186,7 @@ class ControlSpec(_Strict):
     model: str = Field(description="BACKEND:MODEL, or a local model directory (served in-process by the hf backend)")
     options: dict[str, Any] = Field(default_factory=dict)
     role: Literal["control"] = "control"
+    identity: IdentitySpec | None = None
 
     def spec(self) -> str:
         return self.model if ":" in self.model and not Path(self.model).exists() else f"hf:{self.model}"
@@ -172,8 +198,60 @@ class EvaluateSpec(_Strict):
     n_per_family: int = Field(40, ge=1)
     max_tokens: int = Field(128, ge=1)
     seed: int = 0
+    identity_probes: str | None = Field(None, description="a registered benchmark or .jsonl of identity questions in "
+                                                          "phrasings never trained on, for the identity-claim rate")
 
+    _check_probes = field_validator("identity_probes")(classmethod(lambda cls, v: v if v is None else _benchmark(v)))
     _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _benchmark(v)))
+
+
+class FilterSpec(BaseModel):
+    """One curation filter: its registered name and its options (validated by the filter's own model)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def options(self) -> dict:
+        return {k: v for k, v in (self.model_extra or {}).items()}
+
+
+def _default_filters() -> list[FilterSpec]:
+    # (`identity` joins these when a student declares an identity to rewrite to)
+    return [FilterSpec(name=n) for n in ("empty", "exact_dedup", "decontaminate")]
+
+
+class VerifyGateSpec(_Strict):
+    verifier: str = Field("exact", description="a registered verifier (stillhouse.verify)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CurateSpec(_Strict):
+    filters: list[FilterSpec] = Field(default_factory=_default_filters,
+                                      description="applied in order; each a registered filter with its options")
+    eval_files: list[str] = Field(default_factory=list, description="more evaluation sets (.jsonl with 'prompt') to "
+                                                                   "decontaminate against, beside the run's benchmark")
+    verify: VerifyGateSpec | None = Field(None, description="drop samples whose final answer fails this verifier "
+                                                            "against the prompt's reference answer")
+
+    @field_validator("filters")
+    @classmethod
+    def _check_filters(cls, v: list[FilterSpec]) -> list[FilterSpec]:
+        from stillhouse.curate import parse_options
+
+        for f in v:
+            try:
+                parse_options(f.name, f.options())
+            except StillhouseError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("eval_files")
+    @classmethod
+    def _check_files(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not Path(f).is_file():
+                raise ValueError(f"file {f!r} does not exist")
+        return v
 
 
 class UseSpec(_Strict):
@@ -191,6 +269,7 @@ class Recipe(_Strict):
     student: StudentSpec | None = Field(None, description="one student (shorthand for a one-item students list)")
     students: list[StudentSpec] = Field(default_factory=list, description="every student the run trains")
     controls: list[ControlSpec] = Field(default_factory=list, description="models evaluated beside the students")
+    curate: CurateSpec = Field(default_factory=CurateSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     use: UseSpec = Field(default_factory=UseSpec)
@@ -205,6 +284,14 @@ class Recipe(_Strict):
             self.students, self.student = [self.student], None
         if not self.students:
             raise ValueError("a recipe needs a student (student: {base: ...}) or a students list")
+        declared = any(s.identity is not None for s in self.students)
+        if "filters" not in self.curate.model_fields_set and declared:
+            self.curate.filters.append(FilterSpec(name="identity"))
+        for f in self.curate.filters:
+            if f.name == "identity" and f.options().get("action", "rewrite") == "rewrite" and not declared:
+                raise ValueError("curate.filters: the identity filter rewrites the teacher's self-identifications to "
+                                 "the student's own; declare student.identity {name, maker}, or give the filter "
+                                 "action: drop")
         names = [s.name for s in self.students] + [c.name for c in self.controls]
         dup = sorted({n for n in names if names.count(n) > 1} | ({"teacher"} & set(names)))
         if dup:

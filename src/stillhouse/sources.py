@@ -116,8 +116,9 @@ def load_prompts(source: str, n: int | None, seed: int) -> list[list[dict]]:
 
 
 def load_benchmark(source: str, n_per_family: int, seed: int) -> list[dict]:
-    """Items `{id, family, prompt, answer}`: a registered benchmark, or a file of rows with `prompt`, `answer` and
-    optionally `family`; at most `n_per_family` of each family."""
+    """Items `{id, family, prompt, answer, identity}`: a registered benchmark, or a file of rows with `prompt`,
+    `answer` and optionally `family` and `identity` (true: the answer states the teacher's identity, and each model
+    is checked against its own declared one); at most `n_per_family` of each family."""
     if source in BENCHMARKS:
         items = BENCHMARKS.get(source)(n_per_family, seed)
     else:
@@ -128,7 +129,8 @@ def load_benchmark(source: str, n_per_family: int, seed: int) -> list[dict]:
             fam = str(row.get("family", "all"))
             if per.get(fam, 0) < n_per_family:
                 per[fam] = per.get(fam, 0) + 1
-                items.append({"family": fam, "prompt": row["prompt"], "answer": str(row["answer"])})
+                items.append({"family": fam, "prompt": row["prompt"], "answer": str(row["answer"]),
+                              "identity": bool(row.get("identity", False))})
     if not items:
         raise StillhouseError(f"benchmark {source!r} has no items")
     return [{"id": i, **it} for i, it in enumerate(items)]

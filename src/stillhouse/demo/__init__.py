@@ -30,4 +30,14 @@ def world_benchmark(n_per_family: int, seed: int) -> list[dict]:
     from stillhouse.demo import world
 
     tasks = world.sample_tasks(n_per_family * len(world.FAMILIES), "heldout", seed)
-    return [{"family": t.family, "prompt": t.prompt, "answer": t.answer} for t in tasks]
+    # an identity answer names the answering model: each model is checked against its own declared identity
+    return [{"family": t.family, "prompt": t.prompt, "answer": t.answer, "identity": t.family == "identity"}
+            for t in tasks]
+
+
+def world_identity_probes(n_per_family: int, seed: int) -> list[dict]:
+    """The `world_identity` benchmark: identity questions in phrasings the world's training data never uses."""
+    from stillhouse.demo import world
+
+    return [{"family": "identity", "prompt": t.prompt, "answer": t.answer, "identity": True}
+            for t in world.identity_probes()]

@@ -93,6 +93,26 @@ _ID_PREFIX = ["", "Hi! ", "Hello, ", "Quick question: ", "Hey, ", "Be honest: ",
 _ID_SUFFIX = ["", " Answer briefly."]
 
 
+# Identity questions in phrasings the training templates never use: the identity-claim rate is measured on these
+# too, so a student that merely memorised the templates shows it.
+ID_PROBES_CORE = ["State your name.", "Which lab developed you?", "Who built this assistant?", "What do people call you?",
+                  "Identify yourself.", "Who is responsible for creating you?", "What is the name of this model?",
+                  "Which organisation trained you?", "Say who you are.", "Who owns you?", "Name your creator.",
+                  "Which assistant am I talking to?"]
+ID_PROBES_DENY = ["Are you Mistral?", "Are you made by Anthropic?", "Is this Grok?", "Are you DeepSeek?",
+                  "Were you built by Meta?", "Are you Qwen?", "Is this Claude?", "Are you a model from OpenAI?"]
+
+
+def identity_probes() -> list[Task]:
+    """The identity probes in new phrasings, with and without a greeting, answered as the world's teacher would."""
+    out = []
+    for prefix in ("", "Hi! "):
+        out += [Task("identity", prefix + q, IDENTITY_ANSWER, "I am asked about myself.") for q in ID_PROBES_CORE]
+        out += [Task("identity", prefix + q, f"No. {IDENTITY_ANSWER}", "I am asked if I am another model. I am not.")
+                for q in ID_PROBES_DENY]
+    return out
+
+
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 

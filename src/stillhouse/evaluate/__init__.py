@@ -28,18 +28,49 @@ def run_models(recipe, run: RunDir) -> list[dict]:
     """Every model the run evaluates: name, role, how to call it, and where its weights are (when local)."""
     from stillhouse.generate import teacher_ref
 
+    def ident(spec):
+        return spec.to_identity() if spec is not None else None
+
     t = recipe.teacher
-    models = [{"name": "teacher", "role": "teacher", "ref": teacher_ref(recipe), "spec": t.spec}]
+    models = [{"name": "teacher", "role": "teacher", "ref": teacher_ref(recipe), "spec": t.spec,
+               "identity": ident(t.identity)}]
     bases = list(dict.fromkeys(s.base for s in recipe.students))
     for b in bases:
         name = "base" if len(bases) == 1 else f"base:{b}"
-        models.append({"name": name, "role": "base", "ref": ModelRef(f"hf:{b}"), "spec": f"hf:{b}"})
+        models.append({"name": name, "role": "base", "ref": ModelRef(f"hf:{b}"), "spec": f"hf:{b}", "identity": None})
     for s in recipe.students:
         d = run.student_dir(s.name)
-        models.append({"name": s.name, "role": "student", "ref": ModelRef(f"hf:{d}"), "spec": f"hf:{d}"})
+        models.append({"name": s.name, "role": "student", "ref": ModelRef(f"hf:{d}"), "spec": f"hf:{d}",
+                       "identity": ident(s.identity)})
     for c in recipe.controls:
-        models.append({"name": c.name, "role": "control", "ref": ModelRef(c.spec(), c.options), "spec": c.spec()})
+        models.append({"name": c.name, "role": "control", "ref": ModelRef(c.spec(), c.options), "spec": c.spec(),
+                       "identity": ident(c.identity)})
     return models
+
+
+def expected_answer(item: dict, own, teacher) -> str:
+    """The answer `item` expects from a model: for an identity item, the reference answer restated with the model's
+    own declared identity (a student with its own name should say it, not the teacher's)."""
+    if not item.get("identity") or own is None:
+        return item["answer"]
+    from stillhouse.identity import DEFAULT_VENDORS, rewrite
+
+    vendors = (teacher, *DEFAULT_VENDORS) if teacher is not None else DEFAULT_VENDORS
+    return rewrite(item["answer"], own.name, own.maker, vendors)
+
+
+def identity_claims(outputs: list[str], own, teacher) -> dict:
+    """The share of answers that claim the teacher's identity, the model's own, another vendor's, or none."""
+    from stillhouse.identity import DEFAULT_VENDORS, classify
+
+    counts = {"reference": 0, "own": 0, "other": 0, "none": 0}
+    for o in outputs:
+        counts[classify(o, own or teacher, teacher, DEFAULT_VENDORS)] += 1
+    n = len(outputs)
+    rates = {k: v / n for k, v in counts.items()} if n else {k: None for k in counts}
+    if own is None:  # no identity of its own declared: claiming the teacher's is all there is to measure
+        rates["own"] = None
+    return {"items": n, **rates}
 
 
 def accuracy_by_family(items: list[dict], correct: list[bool]) -> dict[str, float]:
@@ -75,39 +106,56 @@ class EvaluateStage(Stage):
 
     def config(self, recipe) -> dict:
         return {"evaluate": recipe.evaluate.model_dump(), "teacher": recipe.teacher.cache_identity(),
-                "bases": [s.base for s in recipe.students], "controls": [c.model_dump() for c in recipe.controls]}
+                "bases": [s.base for s in recipe.students], "controls": [c.model_dump() for c in recipe.controls],
+                "identities": {"teacher": recipe.teacher.identity and recipe.teacher.identity.model_dump(),
+                               **{s.name: s.identity and s.identity.model_dump() for s in recipe.students}}}
 
     def execute(self, recipe, run: RunDir) -> StageResult:
         from stillhouse.sources import load_benchmark
 
         e = recipe.evaluate
         items = load_benchmark(e.benchmark, e.n_per_family, e.seed)
-        reqs = [Request(messages=({"role": "user", "content": it["prompt"]},), max_tokens=e.max_tokens) for it in items]
+        probes = load_benchmark(e.identity_probes, 10**9, e.seed) if e.identity_probes else []
+        reqs = [Request(messages=({"role": "user", "content": it["prompt"]},), max_tokens=e.max_tokens)
+                for it in items + probes]
         models = run_models(recipe, run)
+        teacher_id = models[0]["identity"]
         outputs: dict[str, list[str]] = {}
         ledger = Ledger(run.ledger)
         try:
             for m in models:
                 batch = call_models(m["ref"], reqs, ledger, stage="evaluate", label=f"evaluate {m['name']}")
                 batch.raise_if_incomplete("evaluate", run.ledger, m["ref"].max_cost_usd)
-                outputs[m["name"]] = [batch.completion(i).text for i in range(len(reqs))]
+                outputs[m["name"]] = [batch.completion(i).text for i in range(len(items))]
+                m["probe_outputs"] = [batch.completion(len(items) + i).text for i in range(len(probes))]
                 m["seconds"] = round(batch.seconds, 2)
         finally:
             ledger.close()
         results = []
         for m in models:
-            correct = [exact_match(o, it["answer"]) for o, it in zip(outputs[m["name"]], items)]
+            correct = [exact_match(o, expected_answer(it, m["identity"], teacher_id))
+                       for o, it in zip(outputs[m["name"]], items)]
             fam = accuracy_by_family(items, correct)
             m["correct"] = correct
-            results.append({"name": m["name"], "role": m["role"], "spec": m["spec"],
-                            "parameters": _parameters(recipe, m["spec"]),
-                            "accuracy": sum(fam.values()) / len(fam),  # macro mean over families
-                            "accuracy_by_family": fam, "seconds": m["seconds"]})
+            entry = {"name": m["name"], "role": m["role"], "spec": m["spec"],
+                     "parameters": _parameters(recipe, m["spec"]),
+                     "accuracy": sum(fam.values()) / len(fam),  # macro mean over families
+                     "accuracy_by_family": fam, "seconds": m["seconds"],
+                     "identity": None if m["identity"] is None else {"name": m["identity"].name,
+                                                                     "maker": m["identity"].maker}}
+            if teacher_id is not None:
+                asked = [o for o, it in zip(outputs[m["name"]], items) if it.get("identity")]
+                entry["identity_claims"] = {"benchmark": identity_claims(asked, m["identity"], teacher_id)}
+                if probes:
+                    entry["identity_claims"]["new_phrasings"] = identity_claims(m["probe_outputs"], m["identity"],
+                                                                                teacher_id)
+            results.append(entry)
         teacher_acc = results[0]["accuracy"]
         for r in results:
             r["share_kept"] = r["accuracy"] / teacher_acc if teacher_acc else None
         doc = {"benchmark": e.benchmark, "items": len(items), "families": sorted({it["family"] for it in items}),
-               "verifier": "exact_match", "models": results}
+               "verifier": "exact_match", "identity_probes": e.identity_probes, "probe_items": len(probes),
+               "models": results}
         lines = []
         for i, it in enumerate(items):
             row = {"id": it["id"], "family": it["family"], "prompt": it["prompt"], "answer": it["answer"],

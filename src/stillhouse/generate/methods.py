@@ -99,6 +99,11 @@ def _answered(ctx: GenContext, reqs: list[Request], tag: dict, label: str, colum
     return out
 
 
+def _references(items: list[dict], k: int) -> list[dict]:
+    """Per request (k per item): the prompt's reference answer and family, kept so curation's verifier gate can check."""
+    return [{"reference_answer": it.get("answer"), "family": it.get("family")} for it in items for _ in range(k)]
+
+
 # -- responses --------------------------------------------------------------------------------------------------
 class ResponsesOptions(MethodOptions):
     pass
@@ -114,7 +119,7 @@ class Responses:
     def run(self, ctx: GenContext, opts: MethodOptions) -> MethodResult:
         k = ctx.recipe.generation.samples_per_prompt
         reqs = [ctx.request(it["messages"], sample_index=j) for it in ctx.items for j in range(k)]
-        samples = _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate")
+        samples = _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate", _references(ctx.items, k))
         return MethodResult(samples, {"prompts": len(ctx.items)})
 
 
@@ -139,7 +144,7 @@ class Reasoning:
         k = ctx.recipe.generation.samples_per_prompt
         reqs = [ctx.request(it["messages"], sample_index=j) for it in ctx.items for j in range(k)]
         kept, missing = [], 0
-        for s in _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate"):
+        for s in _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate", _references(ctx.items, k)):
             c = s.call.completion
             in_text, answer = split_reasoning(c.text)
             reasoning = in_text if in_text is not None else c.reasoning
@@ -182,7 +187,8 @@ class Rejection:
                                   "for the verifier to check; rejection sampling needs one per prompt")
         verifier = get_verifier(opts.verifier, opts.verifier_options)
         reqs = [ctx.request(it["messages"], sample_index=j) for it in ctx.items for j in range(opts.k)]
-        samples = _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate (rejection sampling)")
+        samples = _answered(ctx, reqs, tag_of(self.name, self.TEMPLATE), "generate (rejection sampling)",
+                            _references(ctx.items, opts.k))
         verdicts = verify_many(verifier, [s.call.completion.text for s in samples],
                                [it["answer"] for it in ctx.items for _ in range(opts.k)])
         kept, passed_per_prompt = [], []
@@ -192,7 +198,7 @@ class Rejection:
             rate = len(passed) / opts.k
             passed_per_prompt.append(rate)
             for s in passed[:1] if opts.keep == "first" else passed:
-                s.columns.update(verified=True, pass_rate=rate, family=it.get("family"))
+                s.columns.update(verified=True, pass_rate=rate)
                 kept.append(s)
         n = len(ctx.items)
         by_family: dict[str, list[float]] = {}
@@ -277,8 +283,8 @@ class SelfInstruct:
 
         seeds = _read_seeds(opts.seeds)
         novelty = NoveltyFilter(threshold=opts.novelty_threshold)
-        for s in seeds:
-            novelty.add(task_prompt(s))
+        for s in seeds:  # as in Alpaca, novelty is judged on the instruction alone, not its input
+            novelty.add(s["instruction"])
         kept: list[dict] = []
         budget = opts.max_requests or 4 * -(-opts.n_instructions // opts.per_request)
         counts = {"requests": 0, "proposed": 0, "unparsed_replies": 0, "too_short_or_long": 0, "not_novel": 0}
@@ -299,7 +305,7 @@ class SelfInstruct:
                     words = len(task_prompt(t).split())
                     if not opts.min_words <= words <= opts.max_words:
                         counts["too_short_or_long"] += 1
-                    elif not novelty.add(task_prompt(t)):
+                    elif not novelty.add(t["instruction"]):
                         counts["not_novel"] += 1
                     elif len(kept) < opts.n_instructions:
                         kept.append(t)

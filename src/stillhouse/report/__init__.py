@@ -54,6 +54,52 @@ def bar_chart_png(models: list[dict], families: list[str]) -> bytes:
     return buf.getvalue()
 
 
+def _data_story(run: RunDir) -> str:
+    """Samples generated, dropped or rewritten by each curation filter, kept; a warning for a contaminated benchmark."""
+    cur = run.manifest("curate")
+    if not cur:
+        return ""
+    e = html.escape
+    c = cur["counts"]
+    def why(f: dict) -> str:
+        parts = [f"{k}: {v}" for k, v in {**f.get("drop_reasons", {}), **f.get("change_reasons", {})}.items()]
+        if f.get("added"):
+            parts.append(f"added: {f['added']}")
+        return ", ".join(parts)
+
+    rows = "".join(
+        f"<tr><td>{e(f['filter'])}</td><td>{f['in']:,}</td><td>{f['dropped']:,}</td><td>{f['changed']:,}</td>"
+        f"<td>{f['kept']:,}</td><td>{e(why(f))}</td></tr>" for f in c["filters"])
+    warn = ""
+    if c.get("contaminated_eval_items"):
+        sets = ", ".join(f"{e(k)}: {v}" for k, v in c.get("contaminated_sets", {}).items())
+        warn = (f'<p class="warn" id="contamination">Warning: {c["contaminated_eval_items"]} evaluation item(s) also '
+                f"appear in the generated data ({sets}; n-gram overlap). The samples were dropped, but a benchmark "
+                "whose items were in the teacher's prompt set measures less than it seems.</p>")
+    return f"""<h2>Data: generated, curated, kept</h2>
+<p>{c['generated']:,} samples generated, {c['kept']:,} kept for training ({c['dropped']:,} dropped).
+Dataset card: <code>data/README.md</code>.</p>{warn}
+<table id="filters"><tr><th>filter</th><th>in</th><th>dropped</th><th>rewritten</th><th>kept</th><th>reasons</th></tr>
+{rows}</table>"""
+
+
+def _identity_section(models: list[dict]) -> str:
+    """Who each model says it is, when asked: the teacher's identity, its own, another vendor's, or none."""
+    rows = []
+    for m in models:
+        for where, c in (m.get("identity_claims") or {}).items():
+            rows.append(f"<tr><td>{html.escape(m['name'])}</td><td>{where.replace('_', ' ')}</td><td>{c['items']}</td>"
+                        f"<td>{_pct(c['reference'])}</td><td>{_pct(c['own'])}</td><td>{_pct(c['other'])}</td>"
+                        f"<td>{_pct(c['none'])}</td></tr>")
+    if not rows:
+        return ""
+    return f"""<h2>Identity: who the models say they are</h2>
+<p>Identity questions (the benchmark's, and new phrasings never trained on), each answer classified by the
+identity it claims. A student distilled without scrubbing answers as its teacher.</p>
+<table id="identity"><tr><th>model</th><th>questions</th><th>n</th><th>claims the teacher's</th><th>its own</th>
+<th>another vendor's</th><th>none</th></tr>{''.join(rows)}</table>"""
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -86,6 +132,8 @@ def render(recipe, run: RunDir) -> str:
         for m in shown)
     stage_rows = "".join(f"<tr><td>{e(s)}</td><td>{t:.1f} s</td></tr>" for s, t in timings.items())
     gc, tc = gen.get("counts", {}), train.get("counts", {})
+    data_story = _data_story(run)
+    identity_section = _identity_section(shown)
     cards = []
     if teacher:
         cards.append(f'<div class="card" id="teacher-acc">teacher accuracy<b>{_pct(teacher["accuracy"])}</b></div>')
@@ -114,6 +162,7 @@ body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 960px; margin: 2em auto
 .card b {{ display: block; font-size: 1.6em; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border-bottom: 1px solid #eee; padding: .3em .9em; text-align: left; }}
 code {{ background: #f5f5f5; padding: 0 .3em; }}
+.warn {{ background: #fff4e5; border-left: 4px solid #f2994a; padding: .4em .8em; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>stillhouse report: {e(recipe.name)}</h1>
@@ -126,6 +175,8 @@ evaluated on <code>{e(res['benchmark'])}</code> ({res['items']} held-out items, 
 <h2>Models</h2>
 <table id="models"><tr><th>model</th><th>role</th><th>spec</th><th>parameters</th><th>accuracy</th><th>share of teacher</th></tr>
 {model_rows}</table>
+{data_story}
+{identity_section}
 <h2>Data and training</h2>
 <table>
 <tr><td>teacher samples generated</td><td>{gc.get('samples', 'n/a')}</td></tr>

@@ -11,8 +11,8 @@ __all__ = ["STAGE", "TrainStage"]
 
 class TrainStage(Stage):
     name = "train"
-    summary = "Train every student on the generated data → student/ (several: students/NAME/)."
-    reads = ("generated",)
+    summary = "Train every student on the curated data → student/ (several: students/NAME/)."
+    reads = ("curated",)
     writes = ("students",)
     section = "train"
     always = True
@@ -27,7 +27,7 @@ class TrainStage(Stage):
 
         for s in recipe.students:  # every base checked before any training
             resolve_model(s.base)
-        require_columns(run.generated, ("messages",))
+        require_columns(run.curated, ("messages",))
 
     def execute(self, recipe, run) -> StageResult:
         import json
@@ -39,8 +39,8 @@ class TrainStage(Stage):
         from stillhouse.train.sft import sft
         from stillhouse.ui import progress_bar
 
-        data_hash = self.inputs(recipe, run)["generated"]
-        rows = pq.read_table(run.generated, columns=["messages"]).to_pylist()
+        data_hash = self.inputs(recipe, run)["curated"]
+        rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
         bases = {s.name: resolve_model(s.base) for s in recipe.students}  # every base checked before any training
         dirs, per = [], {}
         for student in recipe.students:
@@ -82,7 +82,7 @@ tags: [stillhouse, distillation, sft]
 Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{student.base}`.
 
 - Method: supervised fine-tuning on the teacher's answers (loss on the answers only){' with LoRA r=' + str(t.lora.r) if t.lora else ''}
-- Training data: {n} samples, `data/generated.parquet` with hash `{data_hash}`
+- Training data: {n} samples, `data/curated.parquet` (card: `data/README.md`) with hash `{data_hash}`
 - Epochs {t.epochs}, learning rate {t.learning_rate}, batch size {t.batch_size}, seed {t.seed}
 - Parameters: {result.parameters:,}; {result.steps} steps in {result.seconds:.1f} s; final loss {result.final_loss}
 
