@@ -43,3 +43,14 @@ def generate(recipe, run, force: bool = False, dry_run: bool = False):
     from stillhouse.stages import get_stage
 
     return get_stage("generate").run(recipe, run, force=force, dry_run=dry_run)
+
+
+@pytest.fixture(autouse=True)
+def scripted_backend():
+    """The scripted teacher (tests/scripted.py) registered as the `scripted` backend, for every test."""
+    from stillhouse.teachers import BACKENDS
+    from tests.scripted import Scripted
+
+    BACKENDS.register("scripted", Scripted)
+    yield
+    BACKENDS._items.pop("scripted", None)
