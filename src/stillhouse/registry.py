@@ -83,3 +83,26 @@ class Registry(Generic[T]):
         self._from_entry_points.clear()
         self._loaded = False
 
+
+
+def validate_options(model, options, owner: str):
+    """`options` (a mapping, or None for all defaults) validated by the pydantic `model` of `owner` (say "the hf
+    backend"); a StillhouseError naming the option, with "did you mean" for an unknown one. Every registry whose
+    entries take typed options (backends, methods, filters, verifiers) checks them here."""
+    from pydantic import BaseModel, ValidationError
+
+    if isinstance(options, model):
+        return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump()
+    try:
+        return model.model_validate(options or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        opt = ".".join(str(p) for p in err["loc"]) or "options"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+            raise StillhouseError(f"unknown option {opt!r} for {owner}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                  + f" (known: {', '.join(model.model_fields) or 'none'})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise StillhouseError(f"option {opt!r} of {owner}: {msg} (got {err.get('input')!r})") from None

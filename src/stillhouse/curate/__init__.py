@@ -17,16 +17,15 @@ The novelty filter (`novelty.py`) and the dataset card (`card.py`) live beside t
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from stillhouse.errors import StillhouseError
 from stillhouse.identity import Identity
-from stillhouse.registry import Registry
+from stillhouse.registry import Registry, validate_options
 
 FILTERS: Registry = Registry("stillhouse.filters", "filter")
 
@@ -85,26 +84,13 @@ class Filter:
         self.options = options if isinstance(options, FilterOptions) else self.Options.model_validate(options or {})
 
     def apply(self, rows: list[dict], ctx: CurateContext) -> FilterResult:
+        """Keep, drop (with a reason), rewrite (counted, with a reason) or add rows; never modify `rows` in place."""
         raise NotImplementedError
 
 
 def parse_options(name: str, options: dict | BaseModel | None) -> BaseModel:
     """Validate `options` for filter `name`; a StillhouseError naming the option (and a close match) if wrong."""
-    cls = FILTERS.get(name)
-    model = getattr(cls, "Options", FilterOptions)
-    if isinstance(options, BaseModel):
-        return options
-    try:
-        return model.model_validate(options or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        opt = ".".join(str(p) for p in err["loc"]) or "options"
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-            raise StillhouseError(f"unknown option {opt!r} for the {name} filter"
-                                  + (f"; did you mean {close[0]!r}?" if close else "")
-                                  + f" (known: {', '.join(model.model_fields) or 'none'})") from None
-        raise StillhouseError(f"option {opt!r} of the {name} filter: {err['msg']} (got {err.get('input')!r})") from None
+    return validate_options(getattr(FILTERS.get(name), "Options", FilterOptions), options, f"the {name} filter")
 
 
 def make_filter(name: str, options: dict | BaseModel | None = None) -> Filter:

@@ -7,7 +7,6 @@ template, so `AutoTokenizer.from_pretrained(dir)` and `apply_chat_template` work
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

@@ -408,21 +408,11 @@ class EvolInstruct:
 
 def method_options(name: str, options: dict | None) -> MethodOptions:
     """Validate a method's options; ValueError naming the option on any problem."""
-    import difflib
-
-    from pydantic import ValidationError
+    from stillhouse.registry import validate_options
 
     if name not in METHODS:
         raise ValueError(METHODS.unknown(name))
-    model = METHODS.get(name).Options
     try:
-        return model.model_validate(options or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        opt = ".".join(str(p) for p in err["loc"]) or "options"
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-            raise ValueError(f"unknown option {opt!r} for the {name} method"
-                             + (f"; did you mean {close[0]!r}?" if close else "")
-                             + f" (known: {', '.join(model.model_fields) or 'none'})") from None
-        raise ValueError(f"option {opt!r} of the {name} method: {err['msg']} (got {err.get('input')!r})") from None
+        return validate_options(METHODS.get(name).Options, options, f"the {name} method")
+    except StillhouseError as e:
+        raise ValueError(str(e)) from None

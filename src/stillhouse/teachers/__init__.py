@@ -15,10 +15,10 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from stillhouse.errors import StillhouseError
-from stillhouse.registry import Registry
+from stillhouse.registry import Registry, validate_options
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,9 @@ def parse_options(name: str, options: dict | BaseModel | None) -> BaseModel | di
     if isinstance(options, BaseModel) or model is None:
         return options if options is not None else {}
     try:
-        return model.model_validate(options or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        opt = ".".join(str(p) for p in err["loc"]) or "options"
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-            raise ValueError(f"unknown option {opt!r} for the {name} backend"
-                             + (f"; did you mean {close[0]!r}?" if close else "")
-                             + f" (known: {', '.join(model.model_fields)})") from None
-        raise ValueError(f"option {opt!r} of the {name} backend: {err['msg']} (got {err.get('input')!r})") from None
+        return validate_options(model, options, f"the {name} backend")
+    except StillhouseError as e:
+        raise ValueError(str(e)) from None
 
 
 def answer_identity(spec: str, options: dict | None) -> dict[str, Any]:

@@ -15,7 +15,6 @@ callable `(completion, reference) -> Verdict`; an integer attribute `concurrency
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -26,10 +25,10 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stillhouse.errors import StillhouseError
-from stillhouse.registry import Registry
+from stillhouse.registry import Registry, validate_options
 from stillhouse.verify.extract import EXTRACTORS, get_extractor
 from stillhouse.verify.sandbox import Limits, run_python
 
@@ -341,22 +340,7 @@ VERIFIERS: Registry[Callable[..., Callable[[str, Any], Verdict]]] = Registry("st
 
 
 def _parse_options(name: str, model: type[BaseModel], options: dict | BaseModel | None) -> BaseModel:
-    if isinstance(options, model):
-        return options
-    if isinstance(options, BaseModel):
-        options = options.model_dump()
-    try:
-        return model.model_validate(options or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        opt = ".".join(str(p) for p in err["loc"]) or "options"
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-            raise StillhouseError(f"unknown option {opt!r} for the {name} verifier"
-                                  + (f"; did you mean {close[0]!r}?" if close else "")
-                                  + f" (known: {', '.join(model.model_fields)})") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise StillhouseError(f"option {opt!r} of the {name} verifier: {msg} (got {err.get('input')!r})") from None
+    return validate_options(model, options, f"the {name} verifier")
 
 
 def get_verifier(name: str, options: dict | BaseModel | None = None) -> Callable[[str, Any], Verdict]:
