@@ -66,6 +66,34 @@ else:
 """
 
 
+# Measured while building the new engine (profiles, not re-run by this script; the commands are /tmp scripts
+# that drive `Engine` in-process on the demo prompts, with py-spy 0.4 or torch.profiler).
+WHERE_THE_TIME_GOES = """\
+Where the time went (profiles taken while building it; in-process, fp32, demo prompts):
+
+- **before** (py-spy on the engine thread, 600 prompts, max_batch 256): decode forward 49%, prefill 26%, and about
+  25% rebuilding the left-padded batch cache whenever requests joined or left (`_SlackLayer.reset_to` 17%,
+  `_compact` + `_merge` 8%). Inside the forward: Linear 35%, SDPA 22%, RMSNorm 5%, rotary 5%. Per-row Python
+  (`_advance`, `_sample`, `_resolve_finished`) under 1%.
+- **one cache row per request** (`_SlotBatch`, no copies to admit or drop) at max_batch 512: prefill rose to 55%,
+  because hundreds of 30-75-token prompts were prefilled as one left-padded group (60% padding). Prefilling in
+  length-sorted groups of ~1024 tokens fixed that.
+- **after** (torch.profiler over 60 decode steps and 32 prefills in steady state, 1500 prompts, 512 in flight):
+  matmuls 45%, decode attention (SDPA's CPU flash kernel) 45%, key/value writes 2.5%, elementwise ops ~5%.
+  Matmuls run near the machine's peak (180-210 GFLOP/s at these shapes when the machine is quiet). Decode attention
+  is memory-bound (it reads every row's keys and values at every step) and reads 1.66x the bytes it needs: each
+  row reads up to the longest row's column. Splitting it into 64-row chunks that each stop at their own longest row
+  would cut that to 1.45x, but the smaller SDPA calls cost more than they saved (21.4 s vs 19.7 s, 41.0 vs 38.4
+  CPU-s for 1500 prompts), so it was dropped. Per-step bookkeeping: `future.cancelled()` on every row took 1.4 ms a
+  step at 512 rows (now a flag set by a done-callback); sampling and `_advance` 0.5 ms a step.
+- **over HTTP** (py-spy on the server, all threads, 1500 prompts, 512 clients): the engine thread 85% of samples,
+  the event loop (uvicorn's h11, FastAPI, pydantic, JSON) 15%, and the client shares the same 2 cores.
+- bf16: this CPU has native bf16 (`avx512_bf16`, ~900 GFLOP/s bf16 matmul against ~200 fp32), so the before engine
+  in its own dtype (the checkpoint's bf16) is faster here than in fp32; the reference machine runs a bf16 matmul at
+  0.7 GFLOP/s, where the same before row would be far slower.
+"""
+
+
 def cpu_stall_us() -> int | None:
     """Microseconds that some runnable task has waited for a CPU (Linux PSI), all processes counted."""
     try:
@@ -197,6 +225,8 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-direct", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server gets n / rounds prompts each)")
+    ap.add_argument("--transformers-n", type=int, default=None,
+                    help="send transformers serve only the first this many prompts (it is much slower on CPU)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -207,9 +237,10 @@ def main() -> None:
     model = resolve_model("stillhouse:atlas")
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [t.prompt for t in world.sample_tasks(args.n, "train", 0)]
-    prompt_tokens = sum(len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"])
-                        for p in prompts)
+    prompt_lens = [len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                   for p in prompts]
+    prompt_tokens = sum(prompt_lens)
     gflops_seen = [fp32_gflops()]  # sampled between rounds too: the best is the machine's, the rest is others' load
     print(f"fp32 matmul {gflops_seen[0]:.0f} GFLOP/s", flush=True)
     before_src = before_tree(args.before)
@@ -254,9 +285,13 @@ def main() -> None:
         bounds = [round(args.n * k / args.rounds) for k in range(args.rounds + 1)]
         labels = list(servers)
         for r in range(args.rounds):
-            part = slice(bounds[r], bounds[r + 1])
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 cmd, env, port, name = servers[label]
+                part = slice(bounds[r], bounds[r + 1])
+                if "transformers" in label and args.transformers_n is not None:
+                    part = slice(min(part.start, args.transformers_n), min(part.stop, args.transformers_n))
+                if part.start >= part.stop:
+                    continue
                 cpu0 = {k: cpu_seconds(p.pid) for k, p in procs.items()}
                 stall0 = cpu_stall_us()
                 out = asyncio.run(load(f"http://127.0.0.1:{port}", name, prompts[part], args.concurrency))
@@ -297,8 +332,9 @@ def main() -> None:
     before_fp32 = results[f"before: stillhouse serve at {args.before}, float32"]
     lines = ["## Engine: throughput against the CPU's limit", "",
              f"Command: `.venv/bin/python benchmarks/engine.py --n {args.n} --concurrency {args.concurrency} "
-             f"--max-batch {args.max_batch} --before {args.before} --rounds {args.rounds}`{' --no-transformers' if args.no_transformers else ''}"
-             f"{' --no-direct' if args.no_direct else ''}", "",
+             f"--max-batch {args.max_batch} --before {args.before} --rounds {args.rounds}"
+             f"{'' if args.transformers_n is None else f' --transformers-n {args.transformers_n}'}"
+             f"{' --no-transformers' if args.no_transformers else ''}{' --no-direct' if args.no_direct else ''}`", "",
              f"Workload: the demo's {args.n} training prompts, one user message each, greedy, max_tokens {MAX_TOKENS}, "
              f"{args.concurrency} concurrent HTTP clients (httpx), to Atlas ({PARAMS:,} parameters); our servers at "
              f"`--max-batch {args.max_batch}`. All HTTP servers were up at once and took the prompts in {args.rounds} "
@@ -313,13 +349,14 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in results.items():
         tps = r["gen"] / r["wall"]
-        all_tps = (r["gen"] + prompt_tokens) / r["wall"]
+        all_tps = (r["gen"] + sum(p for p, t in zip(prompt_lens, r["texts"]) if t is not None)) / r["wall"]
         same = sum(a == b for a, b in zip(r["texts"], after["texts"]) if a is not None)
         answered = sum(t is not None for t in r["texts"])
+        sent = args.n if "transformers" not in label or args.transformers_n is None else min(args.n, args.transformers_n)
         lines.append(f"| {label} | {r['wall']:.1f} | {tps:,.0f} | {tps / limit:.1%} | {all_tps:,.0f} | "
                      f"{all_tps / limit:.1%} | {tps / (before_bf16['gen'] / before_bf16['wall']):.2f}x | "
-                     f"{tps / (before_fp32['gen'] / before_fp32['wall']):.2f}x | {same}/{args.n}"
-                     + (f" ({args.n - answered} not answered: {r['errors'][:1]})" if answered < args.n else "")
+                     f"{tps / (before_fp32['gen'] / before_fp32['wall']):.2f}x | {same}/{answered}"
+                     + (f" (of {sent} sent; {sent - answered} failed: {r['errors'][:1]})" if answered < sent else "")
                      + f" | {'?' if r['stall'] is None else format(r['stall'], '.0%')} |")
     lines += ["", f"Prompt tokens: {prompt_tokens:,}; generated (after): {after['gen']:,} "
               f"(the server's own usage count: {after['usage']:,}). CPU stall: the share of the run's wall time in which "
@@ -327,7 +364,7 @@ def main() -> None:
               "benchmark's own client and server included); other people's jobs on this shared machine raise it.",
               "CPU used by the HTTP servers while idle (others being measured), s: "
               + "; ".join(f"{k}: {v['cpu_idle']:.1f}" for k, v in results.items() if "cpu_idle" in v) + ".",
-              "", "machine-speed output:", "", "```", speed_out, "```"]
+              "", WHERE_THE_TIME_GOES, "", "machine-speed output:", "", "```", speed_out, "```"]
     write_section("engine", "\n".join(lines))
     print("\n".join(lines))
 

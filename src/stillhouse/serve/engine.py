@@ -220,7 +220,7 @@ class _SlotBatch:
         if rows <= self.cap_rows and cols <= self.cap_cols:
             return
         new_rows = self.cap_rows
-        while new_rows < rows:
+        while new_rows < rows and new_rows < self.max_rows:  # (the engine never admits past max_rows)
             new_rows = min(self.max_rows, max(self.ROWS_STEP, 2 * new_rows))
         new_cols = max(self.cap_cols, -(-cols // 64) * 64)
         n, used = len(self.seqs), int((self.start + self.length).max()) if self.seqs else 0
