@@ -21,6 +21,40 @@ class SFTResult:
     dropped_too_long: int = 0
 
 
+# Padding-free batches on CPU. TRL's `padding_free=True` flattens a batch into one row with `position_ids` restarting at 0
+# for each sequence and `cu_seq_lens_q` marking the boundaries; only FlashAttention reads those, and plain SDPA on CPU
+# would either leak attention across sequences or (with transformers' block-diagonal mask) pay for the whole row squared.
+# This attention runs SDPA on each sequence's slice with `is_causal=True` instead: no pad tokens in the matmuls, no
+# attention across sequences, and the same loss and gradients as the padded batch. Anything else (a padding mask,
+# decoding, no boundaries) goes to the stock SDPA path with transformers' own mask.
+VARLEN_ATTENTION = "stillhouse_varlen_sdpa"
+
+
+def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or query.shape[2] == 1 or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu.tolist()
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+        for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> str:
+    """Register the padding-free SDPA with transformers (idempotent) and return its name for `attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
+
+
 def _as_prompt_completion(rows: list[dict]) -> list[dict]:
     """OpenAI chat `messages` → TRL's conversational prompt/completion pairs (loss on the completion)."""
     out = []
@@ -34,8 +68,11 @@ def _as_prompt_completion(rows: list[dict]) -> list[dict]:
 
 def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, learning_rate: float, batch_size: int,
         max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
-        on_step: Callable[[int, int, float | None], None] | None = None) -> SFTResult:
-    """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`."""
+        on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True) -> SFTResult:
+    """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`.
+
+    `padding_free` (the default) trains on each batch flattened into one row without pad tokens (same samples per
+    step, same loss); `False` pads each batch to its longest sample as before."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -45,7 +82,8 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    attn = register_varlen_attention() if padding_free else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attn)
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -62,7 +100,9 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     args = SFTConfig(
         output_dir=str(Path(out_dir) / "_trainer"),
         num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
-        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.01, max_length=max_length,
+        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.01,
+        # Over-long samples are already dropped above; TRL refuses a max_length with padding_free and no packing.
+        max_length=None if padding_free else max_length, padding_free=padding_free,
         # TRL turns both on by default. Checkpointing only costs time at the sizes that fit one
         # machine's memory anyway; bf16 autocast pays on a GPU but made CPU steps ~17% slower here.
         gradient_checkpointing=False, bf16=use_cuda, use_cpu=not use_cuda,
@@ -92,6 +132,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     if peft_config is not None:
         model = model.merge_and_unload()
     model.config.use_cache = True
+    model.set_attn_implementation("sdpa")  # the saved student must load where this module's attention is not registered
     model.save_pretrained(str(out_dir))
     tok.padding_side = "left"
     tok.save_pretrained(str(out_dir))
