@@ -1,0 +1,276 @@
+"""Issue 9: does the verifier gate earn its keep, and what does an unscrubbed student say it is?
+
+    STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py [--n 3000] [--out DIR] [--speed-factor X]
+
+1. Atlas sampled at temperature 1.0 (it then makes mistakes) on the demo's world prompts; the
+   generated data is made once (run `gate`) and shared with run `nogate` through a copy of the
+   ledger (its generation makes 0 calls). `nogate` curates with the default filters, `gate` adds
+   `verify: {verifier: exact}`. Both train for the same number of optimizer steps: `gate` keeps the
+   demo's 4 epochs, `nogate` gets epochs = (4 * ceil(n_gate / bs) - 0.5) / ceil(n_nogate / bs), which
+   the trainer's ceil(epochs * steps_per_epoch) turns into exactly 4 * ceil(n_gate / bs) steps.
+2. The demo recipe (greedy Atlas, scrubbed student "Nova, made by Northwind"), and the same run with
+   curation that does not scrub identity (no identity filter, no student identity), sharing the demo
+   run's ledger; evaluate's identity_claims (benchmark identity questions and `world_identity`
+   probes) for both.
+
+Writes the tables into BENCHMARKS.md (section `gate`) and every figure into OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _md import write_section  # noqa: E402
+from demo import speed_factor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "src" / "stillhouse" / "demo" / "recipe.yaml"
+
+
+def recipe(name: str, out: Path, **changes):
+    from stillhouse.recipe import parse_recipe
+
+    doc = yaml.safe_load(DEMO.read_text())
+    doc["name"], doc["run_dir"] = name, str(out / name)
+    for k, v in changes.items():
+        if v is None:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
+    return parse_recipe(yaml.safe_dump(doc, sort_keys=False), source=name)
+
+
+def share_ledger(src: Path, dst: Path) -> None:
+    """Start run `dst` with a copy of `src`'s ledger, so the calls `src` made are cache hits in `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        p = src / f"ledger.db{suffix}"
+        if p.exists() and not (dst / p.name).exists():
+            shutil.copy2(p, dst / p.name)
+
+
+def run(r) -> dict:
+    from stillhouse.stages import run_all
+
+    t0 = time.time()
+    run_all(r)
+    out = collect(Path(r.run_dir), r.train.epochs)
+    out["wall"] = round(time.time() - t0, 1)
+    print(json.dumps({"run": r.name, "wall": out["wall"], "kept": out["curate"]["kept"],
+                      "steps": out["train"]["steps"],
+                      "acc": {k: round(m["accuracy"], 4) for k, m in out["models"].items()}}), flush=True)
+    return out
+
+
+def collect(root: Path, epochs: float) -> dict:
+    """A finished run's figures, from its files."""
+    stages = {p.stem: json.loads(p.read_text()) for p in (root / "stages").glob("*.json")}
+    res = json.loads((root / "eval" / "results.json").read_text()) if (root / "eval" / "results.json").exists() \
+        else {"models": []}
+    return {"stage_seconds": {s: m.get("seconds") for s, m in stages.items()},
+            "curate": stages["curate"]["counts"],
+            "train": stages["train"]["counts"] if "train" in stages else {"samples": stages["curate"]["counts"]["kept"]},
+            "models": {m["name"]: m for m in res["models"]}, "epochs": epochs}
+
+
+def teacher_pass_rates(run_dir: Path) -> dict:
+    """Per family: how many of the teacher's generated samples the exact verifier accepts (what the gate keeps)."""
+    import pyarrow.parquet as pq
+
+    from stillhouse.verify import get_verifier, verify_many
+
+    rows = pq.read_table(run_dir / "data" / "generated.parquet").to_pylist()
+    rows = [r for r in rows if r.get("reference_answer") is not None]
+    ok = verify_many(get_verifier("exact", {}), [r["messages"][-1]["content"] for r in rows],
+                     [r["reference_answer"] for r in rows])
+    fams: dict[str, list[bool]] = {}
+    for r, v in zip(rows, ok):
+        fams.setdefault(r.get("family") or "all", []).append(v.ok)
+    return {f: {"n": len(v), "passed": sum(v)} for f, v in fams.items()}
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000, help="world prompts (the demo's 3000)")
+    ap.add_argument("--out", default="/tmp/stillhouse-curation-gate")
+    ap.add_argument("--parts", default="gate,identity")
+    ap.add_argument("--speed-factor", type=float, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("STILLHOUSE_DTYPE", "float32")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    parts = [p for p in args.parts.split(",") if p]  # --parts '' rewrites the section from OUT/summary.json
+    factor = args.speed_factor or (speed_factor() if parts else summary.get("speed_factor"))
+    summary["speed_factor"] = factor
+    prompts = {"source": "world", "n": args.n, "seed": 0}
+    bs = 8
+
+    if "gate" in parts:
+        hot = {"teacher": {"spec": "hf:stillhouse:atlas", "options": {"batch_size": 256, "dtype": "float32"},
+                           "terms": "apache-2.0", "identity": {"name": "Atlas", "maker": "Orbit Labs"}},
+               "generation": {"temperature": 1.0, "max_tokens": 96}, "prompts": prompts}
+        gate = run(recipe("gate", out, **hot, curate={"verify": {"verifier": "exact"}}))
+        summary["gate"] = {"n": args.n, "gate": gate, "pass_rates": teacher_pass_rates(out / "gate"),
+                           "target_steps": math.ceil(gate["train"]["samples"] / bs) * 4}
+        summary_path.write_text(json.dumps(summary, indent=2))
+        target = math.ceil(gate["train"]["samples"] / bs) * 4
+        share_ledger(out / "gate", out / "nogate")
+        # what the default filters leave = what the gate was given
+        n_nogate = next(s["in"] for s in gate["curate"]["filters"] if s["filter"].startswith("verify"))
+        epochs = (target - 0.5) / math.ceil(n_nogate / bs)
+        train = {**yaml.safe_load(DEMO.read_text())["train"], "epochs": round(epochs, 6)}
+        nogate = run(recipe("nogate", out, **hot, train=train))
+        if nogate["train"]["samples"] != n_nogate:
+            print(f"warning: nogate kept {nogate['train']['samples']} samples, not {n_nogate}; steps may differ")
+        summary["gate"]["nogate"] = nogate
+        summary_path.write_text(json.dumps(summary, indent=2))
+
+    if "identity" in parts:
+        demo = run(recipe("demo", out, prompts=prompts))
+        share_ledger(out / "demo", out / "unscrubbed")
+        student = {"base": "stillhouse:base"}
+        curate = {"filters": [{"name": "empty"}, {"name": "exact_dedup"}, {"name": "decontaminate"}]}
+        unscrubbed = run(recipe("unscrubbed", out, prompts=prompts, student=student, curate=curate))
+        summary["identity"] = {"n": args.n, "scrubbed": demo, "unscrubbed": unscrubbed}
+        summary_path.write_text(json.dumps(summary, indent=2))
+
+    write(summary, args)
+
+
+def write(summary: dict, args) -> None:
+    import torch
+
+    factor = summary.get("speed_factor")
+    ns = {p: summary[p].get("n", args.n) for p in ("gate", "identity") if p in summary}
+    if len(set(ns.values())) <= 1:
+        cmd = f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {args.n}`"
+    else:
+        cmd = " then ".join(f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {n} "
+                            f"--parts {p}`" for p, n in ns.items())
+    lines = ["## Curation: the verifier gate, and identity scrubbing (issue 9)", "",
+             f"Command: {cmd} ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+             f"{torch.get_num_threads()}; `../shared/tools/machine-speed`: "
+             f"**{f'{factor:.2f}x' if factor else 'unknown'}** the reference machine). Compute dtype float32. "
+             f"{' / '.join(f'{n} world prompts ({p})' for p, n in ns.items())}; student stillhouse:base, train as the demo recipe (lr 0.0015, batch 8, "
+             "max_length 256) except for epochs where said; evaluate: world benchmark, 40 items per family, "
+             "identity probes `world_identity`.", ""]
+    fams = None
+    g = summary.get("gate")
+    if g:
+        a, b = g.get("nogate"), g["gate"]
+        fams = sorted(g["pass_rates"])
+        pr = g["pass_rates"]
+        gate_step = next(s for s in b["curate"]["filters"] if s["filter"].startswith("verify"))
+        n_all = sum(v["n"] for v in pr.values())
+        wrong = sum(v["n"] - v["passed"] for v in pr.values())
+        lines += [
+            "### 1. The verifier gate on a sampled teacher",
+            "",
+            "Atlas at temperature 1.0 (`generation: {temperature: 1.0, max_tokens: 96}`, teacher options "
+            "`{batch_size: 256, dtype: float32}`), one generation shared by both runs (the second run starts from "
+            "a copy of the first's ledger: 0 teacher calls). `no gate`: default filters (empty, exact_dedup, "
+            "decontaminate, identity). `gate`: the same plus `curate.verify: {verifier: exact}`. Steps matched: "
+            f"`gate` trains 4 epochs = 4 x ceil({b['train']['samples']}/8) = {g['target_steps']} steps; `no gate` "
+            f"gets epochs = ({g['target_steps']} - 0.5) / ceil({gate_step['in']}/8)"
+            + (f" = {a['epochs']:.4f}" if a else "") +
+            ", which the trainer (max_steps = ceil(epochs x batches per epoch)) makes the same step count."
+            + ("" if a else " **The `no gate` run was not done in this session (out of time).**"),
+            "",
+            f"Teacher samples the gate judged wrong: {wrong} of {n_all} ({wrong / n_all:.1%}; the gate's own "
+            f"count: {gate_step['dropped']} dropped of {gate_step['in']}, reasons {gate_step['drop_reasons']}). "
+            "Pass rate per family (share of Atlas's T=1.0 samples whose `Answer:` line is right):",
+            "",
+            "| family | samples | passed | pass rate | wrong |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [f"| {f} | {v['n']} | {v['passed']} | {v['passed'] / v['n']:.1%} | {1 - v['passed'] / v['n']:.1%} |"
+                  for f, v in sorted(pr.items())]
+        ident = next((s for s in b["curate"]["filters"] if s["filter"] == "identity"), None)
+        if ident and gate_step["dropped"] > wrong:
+            lines += ["", f"**The gate dropped {gate_step['dropped']} samples, {gate_step['dropped'] - wrong} more than the "
+                      f"teacher got wrong ({wrong}).** It runs after the identity filter, which rewrote "
+                      f"{ident['changed']} answers to the student's identity, and checks them against the prompt's "
+                      "reference answer, which still names the teacher: every scrubbed identity sample fails "
+                      "(drop reasons above), so the gated student is trained with no identity data at all."]
+        if "teacher" not in b["models"]:
+            lines += ["", "**Training and evaluation of these runs did not finish in this session (out of time under "
+                      "concurrent load); only the generation and curation figures above are measured.**", ""]
+        else:
+            lines += ["", "| run | samples kept | epochs | training steps | final loss | train s | "
+                      + " | ".join(fams) + " | overall | share kept of Atlas |",
+                      "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in fams) + " | --- | --- |"]
+            for label, r in (("no gate", a), ("gate (exact)", b)):
+                if r is None:
+                    lines.append(f"| {label} | not run | | | | | " + " | ".join("" for _ in fams) + " | | |")
+                    continue
+                s = r["models"]["student"]
+                lines.append(f"| {label} | {r['curate']['kept']} | {r['epochs']:.4f} | {r['train']['steps']} | "
+                             f"{r['train']['final_loss']:.3f} | {r['train']['train_seconds']:.0f} | "
+                             + " | ".join(pct(s['accuracy_by_family'][f]) for f in fams)
+                             + f" | {pct(s['accuracy'])} | {pct(s['share_kept'])} |")
+            t = b["models"]["teacher"]
+            lines.append("| Atlas (greedy, the evaluate stage) | | | | | | "
+                         + " | ".join(pct(t['accuracy_by_family'][f]) for f in fams) + f" | {pct(t['accuracy'])} | 100% |")
+            lines.append("")
+    i = summary.get("identity")
+    if not i:
+        lines += ["### 2. Identity claims of the scrubbed and the unscrubbed student", "",
+                  "Not run in this session (out of time); `--parts identity` runs it.", ""]
+    if i:
+        s, u = i["scrubbed"], i["unscrubbed"]
+        fams = list(s["models"]["teacher"]["accuracy_by_family"])
+        lines += [
+            "### 2. Identity claims of the scrubbed and the unscrubbed student",
+            "",
+            "Both from greedy Atlas on the demo recipe, sharing one generation. `scrubbed` is the demo recipe "
+            "(student identity Nova / Northwind, so curation rewrites \"I am Atlas, made by Orbit Labs.\"). "
+            "`unscrubbed`: `curate: {filters: [{name: empty}, {name: exact_dedup}, {name: decontaminate}]}` and no "
+            "student identity. Share of answers claiming Atlas / the student's own identity / another vendor's / "
+            "none (evaluate's `identity_claims`; an unscrubbed student declares no identity, so `own` is n/a):",
+            "",
+            "| student | question set | items | claims Atlas | own | other | none |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, r in (("scrubbed (Nova)", s), ("unscrubbed", u), ("Atlas (teacher)", s)):
+            m = r["models"]["teacher" if label.startswith("Atlas") else "student"]
+            for qs, c in m["identity_claims"].items():
+                lines.append(f"| {label} | {qs} | {c['items']} | {pct(c['reference'])} | {pct(c['own'])} | "
+                             f"{pct(c['other'])} | {pct(c['none'])} |")
+        lines += ["", "Accuracy per family:", "",
+                  "| model | " + " | ".join(fams) + " | overall | share kept | samples | steps |",
+                  "| --- | " + " | ".join("---" for _ in fams) + " | --- | --- | --- | --- |"]
+        for label, r, name in (("scrubbed student", s, "student"), ("unscrubbed student", u, "student"),
+                               ("Atlas", s, "teacher"), ("base", s, "base")):
+            m = r["models"][name]
+            extra = (f"{r['curate']['kept']} | {r['train']['steps']}" if name == "student" else " | ")
+            lines.append(f"| {label} | " + " | ".join(pct(m['accuracy_by_family'][f]) for f in fams)
+                         + f" | {pct(m['accuracy'])} | {pct(m['share_kept'])} | {extra} |")
+        sc = s["models"]["student"]["identity_claims"]
+        met = all(c["reference"] <= 0.01 and c["own"] >= 0.95 for c in sc.values())
+        others = [f for f in fams if f != "identity"
+                  and s["models"]["student"]["accuracy_by_family"][f] < u["models"]["student"]["accuracy_by_family"][f]]
+        lines += ["", f"Issue 9's target for the scrubbed student (claims Atlas <= 1% and its own identity >= 95%, on "
+                  f"both question sets): **{'met' if met else 'not met'}**; other families against the unscrubbed "
+                  f"student: {'no loss' if not others else 'lower on ' + ', '.join(others)}."]
+    write_section("gate", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
