@@ -67,6 +67,16 @@ def test_the_verifier_gate_drops_what_fails_its_reference(tmp_path):
     assert all(r["messages"][-1]["content"].endswith(r["reference_answer"]) for r in rows)
 
 
+def test_the_gate_checks_a_scrubbed_identity_answer_against_the_students_identity(tmp_path):
+    """The identity filter rewrites "I am ChatGPT ..." to the student's identity before the gate runs: the gate must
+    compare it with the reference restated the same way, not drop it as wrong."""
+    prompts = _prompts(tmp_path, [{"prompt": "Who are you?", "answer": "I am ChatGPT, a model developed by OpenAI."}])
+    m, rows, _ = _curate(tmp_path, prompts, "{verify: {verifier: exact}}")
+    gate = m["counts"]["filters"][-1]
+    assert gate["filter"] == "verify:exact" and gate["dropped"] == 0 and len(rows) == 1
+    assert rows[0]["messages"][-1]["content"].endswith("Answer: I am Nova, a model developed by Northwind.")
+
+
 def test_curation_settings_are_typed_and_checked(tmp_path):
     prompts = _prompts(tmp_path, [{"prompt": "hi"}])
     with pytest.raises(StillhouseError, match="unknown option 'treshold' for the near_dedup filter; did you mean "

@@ -103,8 +103,18 @@ class CurateStage(Stage):
         spec = recipe.curate.verify
         verifier = get_verifier(spec.verifier, spec.options)
         checkable = [r for r in rows if r.get("reference_answer") is not None]
+        # An answer the identity filter rewrote names the student now: its reference must say the same, or the gate
+        # would drop every scrubbed identity answer as wrong.
+        own = student_identity(recipe)
+        restate = (lambda ref: ref)
+        if own is not None:
+            from stillhouse.identity import DEFAULT_VENDORS, rewrite
+
+            teacher = recipe.teacher.identity.to_identity() if recipe.teacher.identity else None
+            vendors = (teacher, *DEFAULT_VENDORS) if teacher is not None else DEFAULT_VENDORS
+            restate = (lambda ref: rewrite(ref, own.name, own.maker, vendors))
         verdicts = verify_many(verifier, [r["messages"][-1]["content"] for r in checkable],
-                               [r["reference_answer"] for r in checkable])
+                               [restate(r["reference_answer"]) for r in checkable])
         failed = {id(r) for r, v in zip(checkable, verdicts) if not v.ok}
         reasons: dict[str, int] = {}
         for v in verdicts:
