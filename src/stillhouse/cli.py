@@ -105,18 +105,26 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               device: str = typer.Option("auto", help="cpu, cuda or auto"),
               dtype: str = typer.Option("auto", help="compute dtype: float32, bfloat16, float16, or auto (bf16 where "
                                                      "the hardware runs it natively, else fp32; the choice is logged)"),
-              watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`")) -> None:
+              watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`"),
+              max_queue: int = typer.Option(1024, help="requests allowed to wait; past this, clients get 429 with "
+                                                       "Retry-After"),
+              max_batch_tokens: int = typer.Option(None, help="prompt + max_tokens admitted into the running batch "
+                                                              "(default: what 4 GiB of KV cache holds)")) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from stillhouse.serve import serve
     from stillhouse.ui import console
 
-    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
     from stillhouse.teachers.hf import DTYPES
 
     if dtype not in DTYPES:
         raise StillhouseError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if max_queue < 1:
+        raise StillhouseError(f"--max-queue must be at least 1, not {max_queue}")
+    extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
     serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
-          window_ms=window_ms, device=device, dtype=dtype, watermark=str(watermark) if watermark else None)
+          window_ms=window_ms, device=device, dtype=dtype, watermark=str(watermark) if watermark else None,
+          max_queue=max_queue, **extra)
 
 
 @app.command("chat")
