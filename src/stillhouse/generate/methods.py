@@ -284,7 +284,7 @@ class SelfInstruct:
         seeds = _read_seeds(opts.seeds)
         novelty = NoveltyFilter(threshold=opts.novelty_threshold)
         for s in seeds:  # as in Alpaca, novelty is judged on the instruction alone, not its input
-            novelty.add(s["instruction"])
+            novelty.keep(s["instruction"])
         kept: list[dict] = []
         budget = opts.max_requests or 4 * -(-opts.n_instructions // opts.per_request)
         counts = {"requests": 0, "proposed": 0, "unparsed_replies": 0, "too_short_or_long": 0, "not_novel": 0}
