@@ -279,6 +279,18 @@ def rewrite(text: str, name: str, maker: str, vendors: Iterable[Identity] = DEFA
     return out + text[pos:]
 
 
+def restate(text: str, own: Identity | None, teacher: Identity | None) -> str:
+    """`text` (a reference answer that names the teacher) restated with `own` identity; unchanged when there is none.
+
+    What a model with its own declared identity should say where the teacher named itself: the
+    evaluation's identity items and curation's verifier gate both check answers against it.
+    """
+    if own is None:
+        return text
+    vendors = (teacher, *DEFAULT_VENDORS) if teacher is not None else DEFAULT_VENDORS
+    return rewrite(text, own.name, own.maker, vendors)
+
+
 def classify(text: str, own: Identity, reference: Identity,
              vendors: Iterable[Identity] = DEFAULT_VENDORS) -> Literal["reference", "own", "other", "none"]:
     """Which identity `text` claims: the `reference` model's (e.g. the teacher's), its `own`, another vendor's, or none.

@@ -105,16 +105,12 @@ class CurateStage(Stage):
         checkable = [r for r in rows if r.get("reference_answer") is not None]
         # An answer the identity filter rewrote names the student now: its reference must say the same, or the gate
         # would drop every scrubbed identity answer as wrong.
-        own = student_identity(recipe)
-        restate = (lambda ref: ref)
-        if own is not None:
-            from stillhouse.identity import DEFAULT_VENDORS, rewrite
+        from stillhouse.identity import restate
 
-            teacher = recipe.teacher.identity.to_identity() if recipe.teacher.identity else None
-            vendors = (teacher, *DEFAULT_VENDORS) if teacher is not None else DEFAULT_VENDORS
-            restate = (lambda ref: rewrite(ref, own.name, own.maker, vendors))
+        own = student_identity(recipe)
+        teacher = recipe.teacher.identity.to_identity() if recipe.teacher.identity else None
         verdicts = verify_many(verifier, [r["messages"][-1]["content"] for r in checkable],
-                               [restate(r["reference_answer"]) for r in checkable])
+                               [restate(r["reference_answer"], own, teacher) for r in checkable])
         failed = {id(r) for r, v in zip(checkable, verdicts) if not v.ok}
         reasons: dict[str, int] = {}
         for v in verdicts:
@@ -144,10 +140,3 @@ class CurateStage(Stage):
 
 
 STAGE = CurateStage
-
-
-def filter_summary(manifest: dict | None) -> list[dict]:
-    """The curate manifest's per-filter counts (for reports)."""
-    return (manifest or {}).get("counts", {}).get("filters", [])
-
-

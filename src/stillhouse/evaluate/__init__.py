@@ -51,12 +51,9 @@ def run_models(recipe, run: RunDir) -> list[dict]:
 def expected_answer(item: dict, own, teacher) -> str:
     """The answer `item` expects from a model: for an identity item, the reference answer restated with the model's
     own declared identity (a student with its own name should say it, not the teacher's)."""
-    if not item.get("identity") or own is None:
-        return item["answer"]
-    from stillhouse.identity import DEFAULT_VENDORS, rewrite
+    from stillhouse.identity import restate
 
-    vendors = (teacher, *DEFAULT_VENDORS) if teacher is not None else DEFAULT_VENDORS
-    return rewrite(item["answer"], own.name, own.maker, vendors)
+    return restate(item["answer"], own, teacher) if item.get("identity") else item["answer"]
 
 
 def identity_claims(outputs: list[str], own, teacher) -> dict:
