@@ -85,3 +85,22 @@ def test_sft_padded_path_still_trains(tiny_models, tmp_path):
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert res.steps == 2 and after.config._attn_implementation == "sdpa"
     assert any(not torch.equal(before[k], v) for k, v in after.state_dict().items())
+
+
+def test_padding_free_builds_no_mask_for_the_packed_row_and_refuses_packing_without_boundaries(tiny_models):
+    import pytest
+
+    from stillhouse.train.sft import _varlen_mask, register_varlen_attention
+
+    # one row, no padding: no [tokens x tokens] mask (the attention separates sequences by cu_seq_lens)
+    assert _varlen_mask(batch_size=1, q_length=300, kv_length=300, attention_mask=None) is None
+    # a padded batch still gets transformers' mask
+    pad = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    m = _varlen_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=pad, allow_is_causal_skip=False)
+    assert m is not None and m.shape[-2:] == (4, 4) and not bool(m[0, 0, 3, 3])
+
+    seqs = [[5, 9, 12, 7], [40, 41, 42]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], attn_implementation=register_varlen_attention())
+    no_bounds = {k: v for k, v in _flat_batch(seqs).items() if not k.startswith(("cu_", "max_length"))}
+    with pytest.raises(ValueError, match="without cu_seq_lens_q"):
+        model(**no_bounds)

@@ -24,9 +24,11 @@ class SFTResult:
 # Padding-free batches on CPU. TRL's `padding_free=True` flattens a batch into one row with `position_ids` restarting at 0
 # for each sequence and `cu_seq_lens_q` marking the boundaries; only FlashAttention reads those, and plain SDPA on CPU
 # would either leak attention across sequences or (with transformers' block-diagonal mask) pay for the whole row squared.
-# This attention runs SDPA on each sequence's slice with `is_causal=True` instead: no pad tokens in the matmuls, no
-# attention across sequences, and the same loss and gradients as the padded batch. Anything else (a padding mask,
-# decoding, no boundaries) goes to the stock SDPA path with transformers' own mask.
+# This attention scatters the row's sequences into a right-padded [sequences, heads, longest, dim] block and makes one
+# causal SDPA call: with right padding, causality alone keeps every real token from seeing a pad or another sequence,
+# so no mask is built. Only the attention sees the padding; the projections and MLPs, most of the FLOPs, run on the
+# flat row. Same loss and gradients as the padded batch (tested). Anything else (a padding mask, decoding, no
+# boundaries) goes to the stock SDPA path with transformers' own mask.
 VARLEN_ATTENTION = "stillhouse_varlen_sdpa"
 
 
@@ -35,23 +37,47 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1 or query.shape[2] == 1 or key.shape[2] != query.shape[2]:
+        if attention_mask is None and query.shape[0] == 1 and query.shape[2] > 1 and kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"].reshape(-1)
+            if bool((pos[1:] == 0).any()):  # packed sequences without their boundaries: never attend across them
+                raise ValueError("padding-free attention got packed sequences without cu_seq_lens_q")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    bounds = cu.tolist()
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
-        for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    cu = cu.to(device=query.device, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=query.device), lens)  # each token's sequence
+    pos = torch.arange(query.shape[2], device=query.device) - cu[seq]  # and its place in it
+
+    def padded(x):  # [1, heads, tokens, dim] → [sequences, heads, longest, dim], zeros after each sequence's end
+        block = x.new_zeros(len(lens), x.shape[1], int(lens.max()), x.shape[3])
+        block[seq, :, pos] = x[0].transpose(0, 1)
+        return block
+
+    # One call for the batch. Length-sorted groups (less padding: 1.9x the needed attention work for 64 demo samples
+    # in one block, ~1.1x in four) measured no faster: the smaller calls cost what the padding did.
+    out = torch.nn.functional.scaled_dot_product_attention(padded(query), padded(key), padded(value),
+                                                           dropout_p=dropout, scale=scaling, is_causal=True)
+    return out[seq, :, pos].unsqueeze(0), None  # back to the flat row: [1, tokens, heads, dim]
+
+
+def _varlen_mask(batch_size: int, *args, attention_mask=None, **kwargs):
+    """No mask for one row without padding (the training batch): `_varlen_sdpa` separates its sequences by their
+    boundaries, and transformers' block-diagonal mask for a 5,000-token row cost a quarter of each step."""
+    from transformers.masking_utils import sdpa_mask
+
+    if batch_size == 1 and attention_mask is None:
+        return None
+    return sdpa_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
 
 
 def register_varlen_attention() -> str:
     """Register the padding-free SDPA with transformers (idempotent) and return its name for `attn_implementation`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, _varlen_sdpa)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
     return VARLEN_ATTENTION
 
 
