@@ -2,12 +2,14 @@
 
     STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py [--n 3000] [--out DIR] [--speed-factor X]
 
-1. Atlas sampled at temperature 1.0 (it then makes mistakes) on the demo's world prompts; the
+1. Atlas sampled at a high temperature (`--temperature`, default 1.5: at 1.0 Atlas made 0 mistakes in 3,000
+   samples and 1 in 600, so there was nothing for a gate to catch; at 1.5 about 7% of its samples are wrong,
+   at 2.0 about 60%) on the demo's world prompts; the
    generated data is made once (run `gate`) and shared with run `nogate` through a copy of the
    ledger (its generation makes 0 calls). `nogate` curates with the default filters, `gate` adds
    `verify: {verifier: exact}`. Both train for the same number of optimizer steps: `gate` keeps the
-   demo's 4 epochs, `nogate` gets epochs = (4 * ceil(n_gate / bs) - 0.5) / ceil(n_nogate / bs), which
-   the trainer's ceil(epochs * steps_per_epoch) turns into exactly 4 * ceil(n_gate / bs) steps.
+   demo's epochs E, `nogate` gets epochs = (ceil(E * ceil(n_gate / bs)) - 0.5) / ceil(n_nogate / bs), which
+   the trainer's ceil(epochs * steps_per_epoch) turns into the same step count.
 2. The demo recipe (greedy Atlas, scrubbed student "Nova, made by Northwind"), and the same run with
    curation that does not scrub identity (no identity filter, no student identity), sharing the demo
    run's ledger; evaluate's identity_claims (benchmark identity questions and `world_identity`
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/stillhouse-curation-gate")
     ap.add_argument("--parts", default="gate,identity")
     ap.add_argument("--speed-factor", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=1.5, help="Atlas's sampling temperature for the gate part")
     args = ap.parse_args()
     os.environ.setdefault("STILLHOUSE_DTYPE", "float32")
     out = Path(args.out)
@@ -120,23 +123,24 @@ def main() -> None:
     factor = args.speed_factor or (speed_factor() if parts else summary.get("speed_factor"))
     summary["speed_factor"] = factor
     prompts = {"source": "world", "n": args.n, "seed": 0}
-    bs = 8
+    demo_train = yaml.safe_load(DEMO.read_text())["train"]
+    bs, epochs0 = demo_train["batch_size"], demo_train["epochs"]
 
     if "gate" in parts:
         hot = {"teacher": {"spec": "hf:stillhouse:atlas", "options": {"batch_size": 256, "dtype": "float32"},
                            "terms": "apache-2.0", "identity": {"name": "Atlas", "maker": "Orbit Labs"}},
-               "generation": {"temperature": 1.0, "max_tokens": 96}, "prompts": prompts}
+               "generation": {"temperature": args.temperature, "max_tokens": 96}, "prompts": prompts}
         gate = run(recipe("gate", out, **hot, curate={"verify": {"verifier": "exact"}}))
-        summary["gate"] = {"n": args.n, "gate": gate, "pass_rates": teacher_pass_rates(out / "gate"),
-                           "target_steps": math.ceil(gate["train"]["samples"] / bs) * 4}
+        target = math.ceil(math.ceil(gate["train"]["samples"] / bs) * epochs0)
+        summary["gate"] = {"n": args.n, "temperature": args.temperature, "gate": gate,
+                           "pass_rates": teacher_pass_rates(out / "gate"), "target_steps": target}
         summary_path.write_text(json.dumps(summary, indent=2))
-        target = math.ceil(gate["train"]["samples"] / bs) * 4
         share_ledger(out / "gate", out / "nogate")
         # what the default filters leave = what the gate was given
         n_nogate = next(s["in"] for s in gate["curate"]["filters"] if s["filter"].startswith("verify"))
         epochs = (target - 0.5) / math.ceil(n_nogate / bs)
-        train = {**yaml.safe_load(DEMO.read_text())["train"], "epochs": round(epochs, 6)}
-        nogate = run(recipe("nogate", out, **hot, train=train))
+        train = {**demo_train, "epochs": round(epochs, 6)}
+        nogate = run(recipe("nogate", out, **hot, train=train, curate={}))  # the default filters, as `gate`
         if nogate["train"]["samples"] != n_nogate:
             print(f"warning: nogate kept {nogate['train']['samples']} samples, not {n_nogate}; steps may differ")
         summary["gate"]["nogate"] = nogate
@@ -157,10 +161,13 @@ def main() -> None:
 def write(summary: dict, args) -> None:
     import torch
 
+    bs = yaml.safe_load(DEMO.read_text())["train"]["batch_size"]
     factor = summary.get("speed_factor")
     ns = {p: summary[p].get("n", args.n) for p in ("gate", "identity") if p in summary}
     if len(set(ns.values())) <= 1:
-        cmd = f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {args.n}`"
+        t = summary.get("gate", {}).get("temperature")
+        cmd = (f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {args.n}"
+               + (f" --temperature {t}" if t else "") + "`")
     else:
         cmd = " then ".join(f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {n} "
                             f"--parts {p}`" for p, n in ns.items())
@@ -168,8 +175,8 @@ def write(summary: dict, args) -> None:
              f"Command: {cmd} ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
              f"{torch.get_num_threads()}; `../shared/tools/machine-speed`: "
              f"**{f'{factor:.2f}x' if factor else 'unknown'}** the reference machine). Compute dtype float32. "
-             f"{' / '.join(f'{n} world prompts ({p})' for p, n in ns.items())}; student stillhouse:base, train as the demo recipe (lr 0.0015, batch 8, "
-             "max_length 256) except for epochs where said; evaluate: world benchmark, 40 items per family, "
+             f"{' / '.join(f'{n} world prompts ({p})' for p, n in ns.items())}; student stillhouse:base, train as the demo recipe "
+             f"({json.dumps(yaml.safe_load(DEMO.read_text())['train'])}) except for epochs where said; evaluate: world benchmark, 40 items per family, "
              "identity probes `world_identity`.", ""]
     fams = None
     g = summary.get("gate")
@@ -183,19 +190,20 @@ def write(summary: dict, args) -> None:
         lines += [
             "### 1. The verifier gate on a sampled teacher",
             "",
-            "Atlas at temperature 1.0 (`generation: {temperature: 1.0, max_tokens: 96}`, teacher options "
+            f"Atlas at temperature {g.get('temperature', 1.0)} (`generation: {{temperature: {g.get('temperature', 1.0)}, "
+            "max_tokens: 96}`, teacher options "
             "`{batch_size: 256, dtype: float32}`), one generation shared by both runs (the second run starts from "
             "a copy of the first's ledger: 0 teacher calls). `no gate`: default filters (empty, exact_dedup, "
             "decontaminate, identity). `gate`: the same plus `curate.verify: {verifier: exact}`. Steps matched: "
-            f"`gate` trains 4 epochs = 4 x ceil({b['train']['samples']}/8) = {g['target_steps']} steps; `no gate` "
-            f"gets epochs = ({g['target_steps']} - 0.5) / ceil({gate_step['in']}/8)"
+            f"`gate` trains the demo's {b['epochs']:g} epochs = {g['target_steps']} steps of {bs}; `no gate` "
+            f"gets epochs = ({g['target_steps']} - 0.5) / ceil({gate_step['in']}/{bs})"
             + (f" = {a['epochs']:.4f}" if a else "") +
             ", which the trainer (max_steps = ceil(epochs x batches per epoch)) makes the same step count."
             + ("" if a else " **The `no gate` run was not done in this session (out of time).**"),
             "",
             f"Teacher samples the gate judged wrong: {wrong} of {n_all} ({wrong / n_all:.1%}; the gate's own "
             f"count: {gate_step['dropped']} dropped of {gate_step['in']}, reasons {gate_step['drop_reasons']}). "
-            "Pass rate per family (share of Atlas's T=1.0 samples whose `Answer:` line is right):",
+            f"Pass rate per family (share of Atlas's T={g.get('temperature', 1.0)} samples whose `Answer:` line is right):",
             "",
             "| family | samples | passed | pass rate | wrong |",
             "| --- | --- | --- | --- | --- |",

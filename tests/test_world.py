@@ -86,3 +86,23 @@ def test_tokenizer_roundtrip_and_chat_template(tmp_path):
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=False)
     assert full.startswith(prompt)
     assert tok.convert_tokens_to_ids("<think>") != tok.unk_token_id
+
+
+def test_the_demos_identity_pairs_never_ask_a_held_out_probe():
+    """The demo adds who-are-you pairs before decontamination: no pair may reach training as a probe's question."""
+    from stillhouse.curate import CurateContext
+    from stillhouse.curate.filters import PAIR_QUESTIONS
+    from stillhouse.curate import make_filter
+    from stillhouse.identity import Identity
+
+    probes = [t.prompt for t in world.identity_probes()]
+    norm = {p.lower().removeprefix("hi! ") for p in probes}
+    assert not norm & {q.lower() for q in PAIR_QUESTIONS["en"]["ask"]}  # the asking questions are all new phrasings
+    ctx = CurateContext(identity=Identity("Nova", "Northwind"), seed=0, eval_prompts={"world_identity": probes})
+    rows = [{"messages": [{"role": "user", "content": "Who are you?"},
+                          {"role": "assistant", "content": f"Answer: {world.IDENTITY_ANSWER}"}]}]
+    added = make_filter("identity", {"add_identity_pairs": 300, "languages": ["en"]}).apply(rows, ctx).kept
+    asked = {r["messages"][0]["content"] for r in added}
+    assert asked & set(probes)  # "Are you Mistral?" and the like do come up...
+    kept = make_filter("decontaminate", {}).apply(added, ctx).kept
+    assert not {r["messages"][0]["content"] for r in kept} & set(probes)  # ...and decontamination drops them

@@ -211,8 +211,15 @@ class IdentityOptions(FilterOptions):
 # Who-are-you questions and answers in each language; `deny` questions name another model, their answers say no.
 PAIR_QUESTIONS: dict[str, dict[str, list[str]]] = {
     "en": {"ask": ["Who are you?", "What is your name?", "Who made you?", "Which company created you?",
-                   "What model are you?", "Introduce yourself.", "Who trained you?", "What should I call you?"],
-           "deny": ["Are you {other}?", "Were you made by {other_maker}?", "Is this {other}?"]},
+                   "What model are you?", "Introduce yourself.", "Who trained you?", "What should I call you?",
+                   "Tell me your name.", "Who developed you?", "What company are you from?", "Who built you?",
+                   "What are you called?", "Which AI is this?", "Describe who you are.", "Who created this model?",
+                   "What is this assistant's name?", "Who is behind you?", "Which team made you?",
+                   "Who do you belong to?", "What kind of model am I speaking with?", "Please say your name.",
+                   "Who are your developers?", "Which firm built this model?"],
+           "deny": ["Are you {other}?", "Were you made by {other_maker}?", "Is this {other}?",
+                    "Am I talking to {other}?", "Did {other_maker} build you?", "Are you a {other_maker} model?",
+                    "You are {other}, right?", "Is {other_maker} your maker?"]},
     "ja": {"ask": ["あなたは誰ですか？", "あなたの名前は何ですか？", "誰があなたを作りましたか？", "自己紹介してください。",
                    "あなたはどのモデルですか？"],
            "deny": ["あなたは{other}ですか？", "あなたは{other_maker}によって作られましたか？"]},
