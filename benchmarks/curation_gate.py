@@ -102,6 +102,32 @@ def teacher_pass_rates(run_dir: Path) -> dict:
     return {f: {"n": len(v), "passed": sum(v)} for f, v in fams.items()}
 
 
+def gate_part(out: Path, temp: float, n: int, prompts: dict, summary: dict, summary_path: Path) -> dict:
+    """`gate` and `nogate` at one temperature, the same number of training steps, one shared generation."""
+    demo_train = yaml.safe_load(DEMO.read_text())["train"]
+    bs, epochs0 = demo_train["batch_size"], demo_train["epochs"]
+    names = (f"gate-{temp:g}", f"nogate-{temp:g}")
+    hot = {"teacher": {"spec": "hf:stillhouse:atlas", "options": {"batch_size": 256, "dtype": "float32"},
+                       "terms": "apache-2.0", "identity": {"name": "Atlas", "maker": "Orbit Labs"}},
+           "generation": {"temperature": temp, "max_tokens": 96}, "prompts": prompts}
+    gate = run(recipe(names[0], out, **hot, curate={"verify": {"verifier": "exact"}}))
+    target = math.ceil(math.ceil(gate["train"]["samples"] / bs) * epochs0)
+    res = {"n": n, "temperature": temp, "gate": gate, "pass_rates": teacher_pass_rates(out / names[0]),
+           "target_steps": target, "dirs": list(names)}
+    summary.setdefault("gates", {})[str(temp)] = res
+    summary_path.write_text(json.dumps(summary, indent=2))
+    share_ledger(out / names[0], out / names[1])
+    # what the default filters leave = what the gate was given
+    n_nogate = next(s["in"] for s in gate["curate"]["filters"] if s["filter"].startswith("verify"))
+    train = {**demo_train, "epochs": round((target - 0.5) / math.ceil(n_nogate / bs), 6)}
+    nogate = run(recipe(names[1], out, **hot, train=train, curate={}))  # the default filters, as `gate`
+    if nogate["train"]["samples"] != n_nogate:
+        print(f"warning: nogate kept {nogate['train']['samples']} samples, not {n_nogate}; steps may differ")
+    res["nogate"] = nogate
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return res
+
+
 def pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -112,7 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/stillhouse-curation-gate")
     ap.add_argument("--parts", default="gate,identity")
     ap.add_argument("--speed-factor", type=float, default=None)
-    ap.add_argument("--temperature", type=float, default=1.5, help="Atlas's sampling temperature for the gate part")
+    ap.add_argument("--temperature", default="1.5", help="Atlas's sampling temperature(s) for the gate part: 1.5 or 1.5,2.0")
     args = ap.parse_args()
     os.environ.setdefault("STILLHOUSE_DTYPE", "float32")
     out = Path(args.out)
@@ -123,28 +149,12 @@ def main() -> None:
     factor = args.speed_factor or (speed_factor() if parts else summary.get("speed_factor"))
     summary["speed_factor"] = factor
     prompts = {"source": "world", "n": args.n, "seed": 0}
-    demo_train = yaml.safe_load(DEMO.read_text())["train"]
-    bs, epochs0 = demo_train["batch_size"], demo_train["epochs"]
-
+    if isinstance(summary.get("gate"), dict):  # a summary written before several temperatures were kept
+        old = summary.pop("gate")
+        summary.setdefault("gates", {})[str(old.get("temperature", 1.0))] = {**old, "dirs": ["gate", "nogate"]}
     if "gate" in parts:
-        hot = {"teacher": {"spec": "hf:stillhouse:atlas", "options": {"batch_size": 256, "dtype": "float32"},
-                           "terms": "apache-2.0", "identity": {"name": "Atlas", "maker": "Orbit Labs"}},
-               "generation": {"temperature": args.temperature, "max_tokens": 96}, "prompts": prompts}
-        gate = run(recipe("gate", out, **hot, curate={"verify": {"verifier": "exact"}}))
-        target = math.ceil(math.ceil(gate["train"]["samples"] / bs) * epochs0)
-        summary["gate"] = {"n": args.n, "temperature": args.temperature, "gate": gate,
-                           "pass_rates": teacher_pass_rates(out / "gate"), "target_steps": target}
-        summary_path.write_text(json.dumps(summary, indent=2))
-        share_ledger(out / "gate", out / "nogate")
-        # what the default filters leave = what the gate was given
-        n_nogate = next(s["in"] for s in gate["curate"]["filters"] if s["filter"].startswith("verify"))
-        epochs = (target - 0.5) / math.ceil(n_nogate / bs)
-        train = {**demo_train, "epochs": round(epochs, 6)}
-        nogate = run(recipe("nogate", out, **hot, train=train, curate={}))  # the default filters, as `gate`
-        if nogate["train"]["samples"] != n_nogate:
-            print(f"warning: nogate kept {nogate['train']['samples']} samples, not {n_nogate}; steps may differ")
-        summary["gate"]["nogate"] = nogate
-        summary_path.write_text(json.dumps(summary, indent=2))
+        for temp in [float(t) for t in str(args.temperature).split(",")]:
+            summary.setdefault("gates", {})[str(temp)] = gate_part(out, temp, args.n, prompts, summary, summary_path)
 
     if "identity" in parts:
         demo = run(recipe("demo", out, prompts=prompts))
@@ -163,80 +173,70 @@ def write(summary: dict, args) -> None:
 
     bs = yaml.safe_load(DEMO.read_text())["train"]["batch_size"]
     factor = summary.get("speed_factor")
-    ns = {p: summary[p].get("n", args.n) for p in ("gate", "identity") if p in summary}
-    if len(set(ns.values())) <= 1:
-        t = summary.get("gate", {}).get("temperature")
-        cmd = (f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {args.n}"
-               + (f" --temperature {t}" if t else "") + "`")
-    else:
-        cmd = " then ".join(f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {n} "
-                            f"--parts {p}`" for p, n in ns.items())
+    gates = dict(sorted(summary.get("gates", {}).items(), key=lambda kv: float(kv[0])))
+    n = next((g["n"] for g in gates.values()), summary.get("identity", {}).get("n", args.n))
+    temps = ",".join(f"{g['temperature']:g}" for g in gates.values())
+    cmd = (f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {n}"
+           + (f" --temperature {temps}" if temps else "") + "`")
+    train = yaml.safe_load(DEMO.read_text())["train"]
     lines = ["## Curation: the verifier gate, and identity scrubbing (issue 9)", "",
              f"Command: {cmd} ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
              f"{torch.get_num_threads()}; `../shared/tools/machine-speed`: "
              f"**{f'{factor:.2f}x' if factor else 'unknown'}** the reference machine). Compute dtype float32. "
-             f"{' / '.join(f'{n} world prompts ({p})' for p, n in ns.items())}; student stillhouse:base, train as the demo recipe "
-             f"({json.dumps(yaml.safe_load(DEMO.read_text())['train'])}) except for epochs where said; evaluate: world benchmark, 40 items per family, "
-             "identity probes `world_identity`.", ""]
-    fams = None
-    g = summary.get("gate")
-    if g:
-        a, b = g.get("nogate"), g["gate"]
-        fams = sorted(g["pass_rates"])
-        pr = g["pass_rates"]
-        gate_step = next(s for s in b["curate"]["filters"] if s["filter"].startswith("verify"))
-        n_all = sum(v["n"] for v in pr.values())
-        wrong = sum(v["n"] - v["passed"] for v in pr.values())
+             f"{n} world prompts; student stillhouse:base, trained as the demo recipe ({json.dumps(train)}) except for "
+             "epochs where said; evaluate: world benchmark, 40 items per family, identity probes `world_identity`.", ""]
+    if gates:
         lines += [
             "### 1. The verifier gate on a sampled teacher",
             "",
-            f"Atlas at temperature {g.get('temperature', 1.0)} (`generation: {{temperature: {g.get('temperature', 1.0)}, "
-            "max_tokens: 96}`, teacher options "
-            "`{batch_size: 256, dtype: float32}`), one generation shared by both runs (the second run starts from "
-            "a copy of the first's ledger: 0 teacher calls). `no gate`: default filters (empty, exact_dedup, "
-            "decontaminate, identity). `gate`: the same plus `curate.verify: {verifier: exact}`. Steps matched: "
-            f"`gate` trains the demo's {b['epochs']:g} epochs = {g['target_steps']} steps of {bs}; `no gate` "
-            f"gets epochs = ({g['target_steps']} - 0.5) / ceil({gate_step['in']}/{bs})"
-            + (f" = {a['epochs']:.4f}" if a else "") +
-            ", which the trainer (max_steps = ceil(epochs x batches per epoch)) makes the same step count."
-            + ("" if a else " **The `no gate` run was not done in this session (out of time).**"),
+            "Atlas made no mistakes to catch at temperature 1.0 (0 wrong of 3,000 samples in an earlier run, 1 of "
+            "600 in a check), so it is sampled hotter here. At each temperature one generation is shared by both "
+            "runs (the second starts from a copy of the first's ledger: 0 teacher calls). `no gate`: the default "
+            "filters (empty, exact_dedup, decontaminate, identity). `gate`: the same plus "
+            "`curate.verify: {verifier: exact}`. Steps matched: `gate` trains the demo's epochs; `no gate` gets "
+            "epochs = (gate's steps - 0.5) / batches per epoch, which the trainer (max_steps = ceil(epochs x batches "
+            "per epoch)) makes the same step count.",
             "",
-            f"Teacher samples the gate judged wrong: {wrong} of {n_all} ({wrong / n_all:.1%}; the gate's own "
-            f"count: {gate_step['dropped']} dropped of {gate_step['in']}, reasons {gate_step['drop_reasons']}). "
-            f"Pass rate per family (share of Atlas's T={g.get('temperature', 1.0)} samples whose `Answer:` line is right):",
-            "",
-            "| family | samples | passed | pass rate | wrong |",
-            "| --- | --- | --- | --- | --- |",
         ]
-        lines += [f"| {f} | {v['n']} | {v['passed']} | {v['passed'] / v['n']:.1%} | {1 - v['passed'] / v['n']:.1%} |"
-                  for f, v in sorted(pr.items())]
-        ident = next((s for s in b["curate"]["filters"] if s["filter"] == "identity"), None)
-        if ident and gate_step["dropped"] > wrong:
-            lines += ["", f"**The gate dropped {gate_step['dropped']} samples, {gate_step['dropped'] - wrong} more than the "
-                      f"teacher got wrong ({wrong}).** It runs after the identity filter, which rewrote "
-                      f"{ident['changed']} answers to the student's identity, and checks them against the prompt's "
-                      "reference answer, which still names the teacher: every scrubbed identity sample fails "
-                      "(drop reasons above), so the gated student is trained with no identity data at all."]
-        if "teacher" not in b["models"]:
-            lines += ["", "**Training and evaluation of these runs did not finish in this session (out of time under "
-                      "concurrent load); only the generation and curation figures above are measured.**", ""]
-        else:
-            lines += ["", "| run | samples kept | epochs | training steps | final loss | train s | "
-                      + " | ".join(fams) + " | overall | share kept of Atlas |",
-                      "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in fams) + " | --- | --- |"]
-            for label, r in (("no gate", a), ("gate (exact)", b)):
-                if r is None:
-                    lines.append(f"| {label} | not run | | | | | " + " | ".join("" for _ in fams) + " | | |")
+        fams = sorted(next(iter(gates.values()))["pass_rates"])
+        lines += ["Share of Atlas's samples whose `Answer:` line is wrong (what the gate exists to catch), per family:",
+                  "", "| temperature | samples | wrong | " + " | ".join(fams) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in fams) + " |"]
+        for g in gates.values():
+            pr = g["pass_rates"]
+            n_all, wrong = sum(v["n"] for v in pr.values()), sum(v["n"] - v["passed"] for v in pr.values())
+            lines.append(f"| {g['temperature']:g} | {n_all} | {wrong} ({wrong / n_all:.1%}) | "
+                         + " | ".join(pct(1 - pr[f]["passed"] / pr[f]["n"]) for f in fams) + " |")
+        lines += ["", "| temperature | run | samples kept | epochs | training steps | final loss | train s | "
+                  + " | ".join(fams) + " | overall | share kept of Atlas |",
+                  "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in fams) + " | --- | --- |"]
+        for g in gates.values():
+            for label, r in (("no gate", g.get("nogate")), ("gate (exact)", g["gate"])):
+                if r is None or "student" not in r["models"]:
+                    lines.append(f"| {g['temperature']:g} | {label} | not run | | | | | "
+                                 + " | ".join("" for _ in fams) + " | | |")
                     continue
-                s = r["models"]["student"]
-                lines.append(f"| {label} | {r['curate']['kept']} | {r['epochs']:.4f} | {r['train']['steps']} | "
-                             f"{r['train']['final_loss']:.3f} | {r['train']['train_seconds']:.0f} | "
-                             + " | ".join(pct(s['accuracy_by_family'][f]) for f in fams)
-                             + f" | {pct(s['accuracy'])} | {pct(s['share_kept'])} |")
-            t = b["models"]["teacher"]
-            lines.append("| Atlas (greedy, the evaluate stage) | | | | | | "
-                         + " | ".join(pct(t['accuracy_by_family'][f]) for f in fams) + f" | {pct(t['accuracy'])} | 100% |")
+                st = r["models"]["student"]
+                lines.append(f"| {g['temperature']:g} | {label} | {r['curate']['kept']} | {r['epochs']:.4f} | "
+                             f"{r['train']['steps']} | {r['train']['final_loss']:.3f} | "
+                             f"{r['train']['train_seconds']:.0f} | "
+                             + " | ".join(pct(st['accuracy_by_family'][f]) for f in fams)
+                             + f" | {pct(st['accuracy'])} | {pct(st['share_kept'])} |")
+        for g in gates.values():
+            step = next(x for x in g["gate"]["curate"]["filters"] if x["filter"].startswith("verify"))
+            top = sorted(step["drop_reasons"].items(), key=lambda kv: -kv[1])[:4]
             lines.append("")
+            lines.append(f"At {g['temperature']:g} the gate dropped {step['dropped']} of {step['in']}; most common "
+                         "reasons: " + "; ".join(f"`{k}` x{v}" for k, v in top) + ".")
+        diffs = [(g["temperature"], g["gate"]["models"]["student"]["accuracy"] - g["nogate"]["models"]["student"]["accuracy"])
+                 for g in gates.values() if g.get("nogate") and "student" in g["nogate"]["models"]
+                 and "student" in g["gate"]["models"]]
+        if diffs:
+            lines += ["", "Gate minus no gate, overall accuracy at the same step count: "
+                      + "; ".join(f"T={t:g}: **{d * 100:+.1f} points**" for t, d in diffs) + "."]
+        lines += ["", "Each row is one training run. How far one run is from another by chance: in this session the demo "
+                  "recipe's student, on the same curated data with training seed 0 and then 1, kept 75.8% and 84.6% "
+                  "of Atlas; differences of a few points between rows here are within that spread.", ""]
     i = summary.get("identity")
     if not i:
         lines += ["### 2. Identity claims of the scrubbed and the unscrubbed student", "",
@@ -248,7 +248,8 @@ def write(summary: dict, args) -> None:
             "### 2. Identity claims of the scrubbed and the unscrubbed student",
             "",
             "Both from greedy Atlas on the demo recipe, sharing one generation. `scrubbed` is the demo recipe "
-            "(student identity Nova / Northwind, so curation rewrites \"I am Atlas, made by Orbit Labs.\"). "
+            "(student identity Nova / Northwind: curation rewrites \"I am Atlas, made by Orbit Labs.\" to it and, "
+            "before decontamination, adds 300 who-are-you pairs in its name). "
             "`unscrubbed`: `curate: {filters: [{name: empty}, {name: exact_dedup}, {name: decontaminate}]}` and no "
             "student identity. Share of answers claiming Atlas / the student's own identity / another vendor's / "
             "none (evaluate's `identity_claims`; an unscrubbed student declares no identity, so `own` is n/a):",
