@@ -190,6 +190,45 @@ def watermark_keygen(out: Path = typer.Argument(..., help="key file to write (ne
     console.print(f"wrote {out} (keep it secret: whoever holds it can detect and imitate the watermark)")
 
 
+audit_app = typer.Typer(help="Tests of whether a suspect model was distilled from a reference teacher.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("watermark")
+def audit_watermark(texts: Path = typer.Argument(..., help="JSONL of the suspect's outputs: {\"text\", optional "
+                                                     "\"prompt\", optional \"watermark\": the scheme}", show_default=False),
+                    key: Path = typer.Option(..., "--key", help="the reference's watermark key file"),
+                    tokenizer: str = typer.Option(..., "--tokenizer", help="the reference model (directory or "
+                                                                           "stillhouse:NAME) whose tokenizer and "
+                                                                           "vocabulary the key colours"),
+                    null_keys: int = typer.Option(200, help="random keys scored on the same texts (the empirical null)"),
+                    out: Path = typer.Option(None, help="write the evidence here as JSON")) -> None:
+    """Black-box watermark radioactivity: green tokens in the suspect's texts under the key, with an exact binomial
+    p-value and the false-positive rate measured under random keys."""
+    import json
+
+    from stillhouse.audit.radioactivity import audit_texts
+    from stillhouse.rundir import atomic_write_text
+    from stillhouse.ui import console
+
+    if null_keys < 0:
+        raise StillhouseError(f"--null-keys must be at least 0, not {null_keys}")
+    ev = audit_texts(texts, key, tokenizer, null_keys=null_keys)
+    k = ev["key"]
+    console.print(f"{ev['n_texts']} texts, {k['scored']} distinct (context, token) pairs scored "
+                  f"({k['skipped_repeats']} repeats, {k['skipped_prompt']} copied from the prompt left out)")
+    console.print(f"green {k['green']} of {k['scored']} (chance: {k['gamma']:.3f}), z {k['z']:.2f}, "
+                  f"exact p-value [bold]{k['p_value']:.3g}[/]")
+    if ev["null_keys"]:
+        fpr = ev["false_positive_rate"]
+        console.print(f"under {ev['null_keys']} random keys: empirical p {ev['empirical_p']:.3g}; false-positive "
+                      "rate " + ", ".join(f"{v:.1%} at p <= {t}" for t, v in fpr.items()))
+    if out:
+        atomic_write_text(out, json.dumps(ev, indent=2) + "\n")
+        console.print(f"evidence: {out}")
+
+
 ledger_app = typer.Typer(help="The SQLite ledger of teacher and judge calls.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 TargetArg = typer.Argument(..., help="a recipe file or a run directory", show_default=False)

@@ -1,0 +1,143 @@
+"""Watermark radioactivity: exact p-values, each pair scored once, prompt copies left out, the empirical null, the
+refusal of a mismatched scheme, and the command on a file of texts."""
+
+import json
+import math
+import random
+from fractions import Fraction
+
+import pytest
+from typer.testing import CliRunner
+
+from stillhouse.audit.radioactivity import (GreenLists, binomial_p, check_scheme, count_green, radioactivity)
+from stillhouse.cli import app
+from stillhouse.errors import StillhouseError
+
+KEY = {"scheme": "kgw", "hashing_key": 123456789, "greenlist_ratio": 0.25, "bias": 2.0, "seeding_scheme": "lefthash",
+       "context_width": 1}
+VOCAB = 102
+
+
+def exact_tail(k: int, n: int, gamma: Fraction) -> float:
+    return float(sum(math.comb(n, i) * gamma ** i * (1 - gamma) ** (n - i) for i in range(k, n + 1)))
+
+
+@pytest.mark.parametrize("k,n,gamma", [(0, 10, Fraction(1, 4)), (7, 10, Fraction(1, 4)), (30, 60, Fraction(25, 102)),
+                                       (60, 60, Fraction(25, 102)), (200, 400, Fraction(1, 2))])
+def test_p_values_are_the_exact_binomial_tail(k, n, gamma):
+    assert binomial_p(k, n, float(gamma)) == pytest.approx(exact_tail(k, n, gamma), rel=1e-9, abs=1e-300)
+
+
+def sequences(key, n_texts=40, length=60, green_share=None, seed=0, vocab=VOCAB, ids=None):
+    """Token sequences: each next token green under `key` with probability `green_share` (None: uniform)."""
+    rng = random.Random(seed)
+    lists = GreenLists(key, vocab)
+    ids = ids or list(range(vocab))
+    out = []
+    for _ in range(n_texts):
+        seq = [rng.choice(ids)]
+        while len(seq) < length:
+            ctx = tuple(seq[-key["context_width"]:])
+            if green_share is None:
+                seq.append(rng.choice(ids))
+                continue
+            greens = [t for t in ids if lists.is_green(ctx, t)]
+            reds = [t for t in ids if t not in greens]
+            seq.append(rng.choice(greens if rng.random() < green_share else reds))
+        out.append(seq)
+    return out
+
+
+def test_gamma_is_the_schemes_exact_share_and_watermarked_text_is_found():
+    res = count_green(sequences(KEY, green_share=0.6), KEY, VOCAB)
+    assert res.gamma == 25 / 102
+    assert res.scored > 500 and res.green / res.scored > 0.5
+    assert res.p_value < 1e-30
+    plain = count_green(sequences(KEY, green_share=None, seed=1), KEY, VOCAB)
+    assert 1e-3 < plain.p_value  # uniform text: nothing to find
+
+
+def test_each_context_token_pair_is_scored_once():
+    lists = GreenLists(KEY, VOCAB)
+    a = next(t for t in range(VOCAB) if lists.is_green((7,), t))  # a green token after 7
+    repeated = [[7, a] * 50]
+    res = count_green(repeated, KEY, VOCAB)
+    # pairs (7, a) and (a, 7): two distinct pairs however often they repeat
+    assert res.scored == 2 and res.skipped_repeats == 97
+    again = count_green(repeated * 3, KEY, VOCAB)
+    assert again.scored == 2 and again.p_value == res.p_value
+
+
+def test_pairs_copied_from_the_prompt_are_left_out():
+    text = [5, 6, 7, 8, 9]
+    res = count_green([text], KEY, VOCAB, prompts=[[1, 6, 7, 8, 2]])
+    assert res.skipped_prompt == 2 and res.scored == 2  # (6,7), (7,8) were in the prompt; (5,6), (8,9) scored
+
+
+def test_random_keys_give_the_null_and_the_true_key_stands_out():
+    texts = sequences(KEY, n_texts=20, green_share=0.5, seed=2)
+    res = radioactivity(texts, KEY, VOCAB, null_keys=60, seed=0)
+    assert res.null_keys == 60 and res.key.p_value < 1e-10
+    assert res.empirical_p == pytest.approx(1 / 61)  # no random key scores these texts as well as the true one
+    assert res.false_positive_rate(1e-6) == 0.0
+    # under the null the p-values spread out: a good share above 0.1, few below 0.01
+    assert sum(p > 0.1 for p in res.null_p_values) >= 30 and sum(p <= 0.01 for p in res.null_p_values) <= 6
+
+
+def test_a_mismatched_scheme_is_refused_in_one_line():
+    check_scheme(KEY, {"greenlist_ratio": 0.25, "seeding_scheme": "lefthash"})  # the same: fine
+    check_scheme(KEY, None)  # not recorded: nothing to compare
+    with pytest.raises(StillhouseError, match=r"greenlist_ratio 0\.5 \(key: 0\.25\)") as e:
+        check_scheme(KEY, {"greenlist_ratio": 0.5, "context_width": 1})
+    assert "\n" not in str(e.value)
+
+
+def test_audit_watermark_command_on_a_file_of_texts(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["base"])
+    vocab = len(tok)
+    keyfile = tmp_path / "key.json"
+    keyfile.write_text(json.dumps(KEY))
+    # ids that survive decode -> encode (single characters), so the texts carry exactly the sampled tokens
+    ids = [i for i in range(vocab) if i not in tok.all_special_ids
+           and tok(tok.decode([i]), add_special_tokens=False)["input_ids"] == [i]]
+    marked = sequences(KEY, n_texts=30, length=50, green_share=0.7, seed=3, vocab=vocab, ids=ids)
+    texts = tmp_path / "suspect.jsonl"
+    texts.write_text("".join(json.dumps({"text": tok.decode(s)}) + "\n" for s in marked))
+    out = tmp_path / "evidence.json"
+    r = CliRunner().invoke(app, ["audit", "watermark", str(texts), "--key", str(keyfile), "--tokenizer",
+                                 str(tiny_models["base"]), "--null-keys", "20", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out.read_text())
+    assert ev["key"]["p_value"] < 1e-20 and ev["null_keys"] == 20 and ev["false_positive_rate"]["1e-06"] == 0.0
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "abc", "watermark": {"greenlist_ratio": 0.5}}) + "\n")
+    r = CliRunner().invoke(app, ["audit", "watermark", str(bad), "--key", str(keyfile), "--tokenizer",
+                                 str(tiny_models["base"])])
+    assert r.exit_code != 0 and "different watermark scheme" in str(r.exception or r.output)
+
+
+def test_text_the_engine_watermarked_is_found_and_plain_text_is_not(tiny_models, tmp_path):
+    """Generation (the hf backend's engine with the key) and detection agree on the scheme, end to end."""
+    from transformers import AutoTokenizer
+
+    from stillhouse.teachers import Request, load_backend
+    from stillhouse.watermark import keygen, read_key
+
+    keyfile = tmp_path / "wm.json"
+    keygen(keyfile, bias=2.0)
+    key = read_key(keyfile)
+    model = str(tiny_models["teacher"])
+    tok = AutoTokenizer.from_pretrained(model)
+
+    def p_value(opts):
+        b = load_backend(f"hf:{model}", opts)
+        reqs = [Request(messages=({"role": "user", "content": f"Tell me about {i}."},), max_tokens=60,
+                        temperature=1.0, seed=i) for i in range(12)]
+        texts = [c.text for _, c in sorted(b.generate(reqs))]
+        return count_green([tok(t, add_special_tokens=False)["input_ids"] for t in texts], key, len(tok)).p_value
+
+    assert p_value({"watermark": str(keyfile)}) < 1e-6
+    assert p_value({}) > 1e-3
