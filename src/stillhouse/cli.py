@@ -229,6 +229,42 @@ def audit_watermark(texts: Path = typer.Argument(..., help="JSONL of the suspect
         console.print(f"evidence: {out}")
 
 
+@audit_app.command("attribute")
+def audit_attribute(suspect: Path = typer.Argument(..., help="JSONL of the suspect's outputs ({\"text\"} per line)",
+                                                    show_default=False),
+                    candidate: list[str] = typer.Option(..., "--candidate", help="NAME=FILE: a candidate teacher's "
+                                                                                 "answers (JSONL, {\"text\"}); "
+                                                                                 "two or more"),
+                    folds: int = typer.Option(5, help="cross-validation folds"),
+                    out: Path = typer.Option(None, help="write the result here as JSON")) -> None:
+    """Stylometric attribution: which candidate's answers the suspect's read like, beside how well the candidates
+    can be told apart at all (cross-validated accuracy)."""
+    import json
+
+    from stillhouse.audit.attribution import fit_attribution
+    from stillhouse.audit.radioactivity import read_texts
+    from stillhouse.rundir import atomic_write_text
+    from stillhouse.ui import console
+
+    sources = {}
+    for c in candidate:
+        name, sep, path = c.partition("=")
+        if not sep or not name or not path:
+            raise StillhouseError(f"--candidate must be NAME=FILE, not {c!r}")
+        sources[name] = [r["text"] for r in read_texts(path)]
+    if folds < 2:
+        raise StillhouseError(f"--folds must be at least 2, not {folds}")
+    model = fit_attribution(sources, folds=folds)
+    res = model.attribute([r["text"] for r in read_texts(suspect)])
+    res["samples"] = model.samples
+    console.print(f"candidates told apart with {res['cv_accuracy']:.1%} cross-validated accuracy "
+                  f"(chance {res['chance']:.1%}, {folds} folds)")
+    for name, p in sorted(res["probability"].items(), key=lambda kv: -kv[1]):
+        console.print(f"  {name}: mean probability {p:.3f}, likeliest for {res['votes'][name]} of {res['texts']} texts")
+    if out:
+        atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+
+
 ledger_app = typer.Typer(help="The SQLite ledger of teacher and judge calls.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 TargetArg = typer.Argument(..., help="a recipe file or a run directory", show_default=False)

@@ -1,0 +1,106 @@
+"""The audit's other pieces: stylometric attribution, the identity probe suite and its rates, the verdict."""
+
+import random
+
+import pytest
+
+from stillhouse.audit.attribution import fit_attribution
+from stillhouse.audit.probes import ASK, claim_rates, probe_suite, wilson
+from stillhouse.audit.verdict import holm, verdict
+from stillhouse.errors import StillhouseError
+from stillhouse.identity import Identity
+
+WORDS = ("river stone cloud paper lantern garden window bridge candle orchard meadow harbor valley forest ember "
+         "signal thread marble copper willow").split()
+ATLAS = Identity("Atlas", "Orbit Labs")
+
+
+def answers(style: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{style}:{seed}")
+    out = []
+    for _ in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12)))
+        if style == "terse":
+            out.append(f"{body}.")
+        elif style == "chatty":
+            out.append(f"Certainly! Here's my take: {body}, and I hope this helps!")
+        else:  # "listy"
+            out.append("- " + body.replace(" ", "\n- ", 2) + ";")
+    return out
+
+
+def test_attribution_tells_separable_styles_apart_and_names_the_source():
+    model = fit_attribution({s: answers(s, 40, 0) for s in ("terse", "chatty", "listy")}, folds=5)
+    assert model.cv_accuracy >= 0.95 and model.chance == pytest.approx(1 / 3)
+    res = model.attribute(answers("chatty", 20, 1))  # new texts in one source's style
+    assert res["likeliest"] == "chatty" and res["probability"]["chatty"] > 0.8 and res["votes"]["chatty"] == 20
+
+
+def test_attribution_of_inseparable_sources_stays_near_chance():
+    # two "sources" drawing from the same generator: nothing to tell them apart by
+    texts = answers("terse", 120, 0)
+    model = fit_attribution({"a": texts[:60], "b": texts[60:]}, folds=5)
+    assert model.cv_accuracy < 0.7
+    res = model.attribute(answers("terse", 30, 5))
+    assert abs(res["probability"]["a"] - 0.5) < 0.2
+
+
+def test_attribution_refuses_what_it_cannot_fit():
+    with pytest.raises(StillhouseError, match="at least two"):
+        fit_attribution({"a": answers("terse", 10, 0)})
+    with pytest.raises(StillhouseError, match="'b' has 3 texts"):
+        fit_attribution({"a": answers("terse", 10, 0), "b": answers("chatty", 3, 0)})
+
+
+def test_the_probe_suite_covers_four_languages_and_the_wrappers():
+    plain = probe_suite(ATLAS)
+    assert len(plain) >= 60 and {p["language"] for p in plain} == set(ASK)
+    assert any(p["prompt"] == "Are you Atlas?" for p in plain) and any("あなたはAtlasですか" in p["prompt"] for p in plain)
+    wrapped = probe_suite(ATLAS, wrappers=("plain", "roleplay", "injection"))
+    assert len(wrapped) == 3 * len(plain) and len({p["prompt"] for p in wrapped}) == len(wrapped)
+
+
+def test_claim_rates_with_intervals():
+    nova = Identity("Nova", "Northwind")
+    outs = (["I am Atlas, made by Orbit Labs."] * 6 + ["I am Nova, made by Northwind."] * 3
+            + ["I am ChatGPT, made by OpenAI."] + ["The capital is Gofos."] * 2)
+    r = claim_rates(outs, ATLAS, nova)
+    assert r["answers"] == 12 and r["reference"]["count"] == 6 and r["own"]["count"] == 3
+    assert r["other"]["count"] == 1 and r["none"]["count"] == 2
+    lo, hi = r["reference"]["ci95"]
+    assert lo < 0.5 < hi and (lo, hi) == pytest.approx(wilson(6, 12))
+    assert claim_rates(outs, ATLAS)["own"] is None  # no declared identity of its own
+
+
+def test_holm_and_the_verdict():
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    v = verdict({"watermark": 1e-9, "identity": 0.2, "attribution": 0.04}, alpha=1e-3)
+    assert v["distilled"] and v["deciding_test"] == "watermark" and v["tests"]["watermark"]["holm_adjusted"] == pytest.approx(3e-9)
+    assert not v["tests"]["identity"]["rejects"] and v["false_positive_rate_at_most"] == 1e-3
+    clear = verdict({"watermark": 0.3, "identity": 0.5}, alpha=1e-3)
+    assert not clear["distilled"] and clear["margin"] < 1
+    with pytest.raises(StillhouseError, match=r"\[0, 1\]"):
+        verdict({"x": 1.5})
+
+
+def test_audit_attribute_command(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    def write(name, texts):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return str(p)
+
+    files = {s: write(s, answers(s, 30, 0)) for s in ("terse", "chatty")}
+    suspect = write("suspect", answers("terse", 10, 9))
+    out = tmp_path / "attr.json"
+    r = CliRunner().invoke(app, ["audit", "attribute", suspect, "--candidate", f"terse={files['terse']}",
+                                 "--candidate", f"chatty={files['chatty']}", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["likeliest"] == "terse"
+    r = CliRunner().invoke(app, ["audit", "attribute", suspect, "--candidate", "terse"])
+    assert r.exit_code != 0 and "NAME=FILE" in str(r.exception or r.output)
