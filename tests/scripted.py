@@ -57,7 +57,8 @@ class Scripted:
         for i, r in enumerate(requests):
             if admit is not None and not admit(i):
                 return
-            text = _reply(r)
+            # `scripted:impostor` says it is ChatGPT whatever it is asked (a student that copied its teacher's identity)
+            text = "I am ChatGPT, made by OpenAI." if self.model == "impostor" else _reply(r)
             reasoning = "field reasoning" if "[reasoning field]" in r.messages[-1]["content"] else None
             if reasoning:
                 text = "Answer: 42"

@@ -104,3 +104,62 @@ def test_audit_attribute_command(tmp_path):
     assert json.loads(out.read_text())["likeliest"] == "terse"
     r = CliRunner().invoke(app, ["audit", "attribute", suspect, "--candidate", "terse"])
     assert r.exit_code != 0 and "NAME=FILE" in str(r.exception or r.output)
+
+
+def test_audit_command_flags_a_model_that_claims_the_reference_and_clears_one_that_does_not(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    out = tmp_path / "a1"
+    r = CliRunner().invoke(app, ["audit", "--suspect", "scripted:impostor", "--reference", "ChatGPT,OpenAI",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "evidence.json").read_text())
+    t = ev["tests"]["identity"]
+    assert t["claims_reference"] == t["probes"] >= 180  # every probe, in every wrapper, answered "I am ChatGPT"
+    assert t["p_value"] < 1e-100 and ev["verdict"]["distilled"]
+    assert {a["wrapper"] for a in t["answers"]} == {"plain", "roleplay", "injection"}
+    # asked again: every answer from the ledger, the same evidence
+    again = CliRunner().invoke(app, ["audit", "--suspect", "scripted:impostor", "--reference", "ChatGPT,OpenAI",
+                                     "--out", str(out)])
+    assert again.exit_code == 0 and json.loads((out / "evidence.json").read_text())["tests"] == ev["tests"]
+
+    clean = tmp_path / "a2"
+    r = CliRunner().invoke(app, ["audit", "--suspect", "scripted:plain", "--reference", "Atlas,Orbit Labs",
+                                 "--out", str(clean)])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((clean / "evidence.json").read_text())
+    assert ev["tests"]["identity"]["claims_reference"] == 0 and not ev["verdict"]["distilled"]
+
+
+def test_audit_command_on_watermarked_texts(tiny_models, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+    from stillhouse.teachers import Request, load_backend
+    from stillhouse.watermark import keygen
+
+    keyfile = tmp_path / "wm.json"
+    keygen(keyfile, bias=2.0)
+    model = str(tiny_models["teacher"])
+    b = load_backend(f"hf:{model}", {"watermark": str(keyfile)})
+    reqs = [Request(messages=({"role": "user", "content": f"Tell me about {i}."},), max_tokens=60, temperature=1.0,
+                    seed=i) for i in range(12)]
+    texts = tmp_path / "suspect.jsonl"
+    texts.write_text("".join(json.dumps({"text": c.text, "prompt": reqs[i].messages[0]["content"]}) + "\n"
+                             for i, c in sorted(b.generate(reqs))))
+    out = tmp_path / "a3"
+    r = CliRunner().invoke(app, ["audit", "--suspect", str(texts), "--watermark-key", str(keyfile), "--tokenizer",
+                                 model, "--null-keys", "20", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "evidence.json").read_text())
+    assert ev["tests"]["watermark"]["p_value"] < 1e-6 and ev["verdict"]["distilled"]
+    assert ev["tests"]["watermark"]["empirical_p"] == pytest.approx(1 / 21)
+
+    r = CliRunner().invoke(app, ["audit", "--suspect", str(texts), "--watermark-key", str(keyfile)])
+    assert r.exit_code != 0 and "--tokenizer" in str(r.exception or r.output)

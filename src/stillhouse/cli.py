@@ -190,9 +190,76 @@ def watermark_keygen(out: Path = typer.Argument(..., help="key file to write (ne
     console.print(f"wrote {out} (keep it secret: whoever holds it can detect and imitate the watermark)")
 
 
-audit_app = typer.Typer(help="Tests of whether a suspect model was distilled from a reference teacher.",
-                        no_args_is_help=True)
+audit_app = typer.Typer(help="Was a suspect model distilled from a reference teacher? `stillhouse audit --suspect "
+                             "SPEC ...` runs the tests that apply and gives one verdict; the subcommands run one test "
+                             "on files.")
 app.add_typer(audit_app, name="audit")
+
+
+def _identity_opt(value: str | None, flag: str):
+    from stillhouse.identity import Identity
+
+    if value is None:
+        return None
+    name, sep, maker = value.partition(",")
+    if not sep or not name.strip() or not maker.strip():
+        raise StillhouseError(f"{flag} must be NAME,MAKER (e.g. 'ChatGPT,OpenAI'), not {value!r}")
+    return Identity(name.strip(), maker.strip())
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit_cmd(ctx: typer.Context,
+              suspect: str = typer.Option(None, "--suspect", help="the model to audit: a local model directory, "
+                                                                  "BACKEND:MODEL (with --base-url for an endpoint), "
+                                                                  "or a .jsonl file of its texts"),
+              reference: str = typer.Option(None, "--reference", help="the reference teacher's identity, NAME,MAKER "
+                                                                      "(e.g. 'ChatGPT,OpenAI')"),
+              suspect_identity: str = typer.Option(None, help="the identity the suspect declares, NAME,MAKER"),
+              watermark_key: Path = typer.Option(None, help="the reference's watermark key file"),
+              tokenizer: str = typer.Option(None, help="the reference model whose tokenizer the key colours"),
+              prompts: str = typer.Option(None, help="prompts to put to the suspect for the watermark and "
+                                                     "attribution tests (a prompt source or a file)"),
+              n: int = typer.Option(200, help="how many of those prompts"),
+              candidate: list[str] = typer.Option(None, "--candidate", help="NAME=SPEC: a candidate teacher for "
+                                                                            "attribution (model or .jsonl texts)"),
+              base_url: str = typer.Option(None, help="the suspect's OpenAI-compatible endpoint"),
+              identity_null_rate: float = typer.Option(0.01, help="the rate at which a model that never saw the "
+                                                                  "reference's data claims its identity"),
+              alpha: float = typer.Option(1e-3, help="the verdict's level: its false-positive rate is at most this"),
+              null_keys: int = typer.Option(200, help="random keys for the watermark's empirical null"),
+              out: Path = typer.Option(Path("runs/audit"), help="directory for the ledger and evidence.json")) -> None:
+    """Audit a suspect against a reference: identity probes, watermark radioactivity, attribution, one verdict."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if suspect is None:
+        raise StillhouseError("give --suspect (and --reference, --watermark-key or --candidate), or a subcommand; "
+                              "see `stillhouse audit --help`")
+    from stillhouse.audit.run import run_audit
+    from stillhouse.ui import console
+
+    cands = {}
+    for c in candidate or []:
+        name, sep, spec = c.partition("=")
+        if not sep or not name or not spec:
+            raise StillhouseError(f"--candidate must be NAME=SPEC, not {c!r}")
+        cands[name] = spec
+    ev = run_audit(suspect, out, reference_identity=_identity_opt(reference, "--reference"),
+                   suspect_identity=_identity_opt(suspect_identity, "--suspect-identity"),
+                   watermark_key=watermark_key, tokenizer=tokenizer, prompts=prompts, n_prompts=n,
+                   candidates=cands or None, base_url=base_url, identity_null_rate=identity_null_rate, alpha=alpha,
+                   null_keys=null_keys)
+    for name, t in ev["tests"].items():
+        console.print(f"{name}: p-value [bold]{t['p_value']:.3g}[/]")
+    if "attribution" in ev["reported"]:
+        a = ev["reported"]["attribution"]
+        console.print(f"attribution: reads like [bold]{a['likeliest']}[/] (mean probability "
+                      f"{a['probability'][a['likeliest']]:.2f}; candidates told apart {a['cv_accuracy']:.0%}, "
+                      f"chance {a['chance']:.0%})")
+    v = ev["verdict"]
+    if v:
+        console.print(f"verdict: [bold]{v['verdict']}[/] (Holm at alpha {v['alpha']:g}: false-positive rate at most "
+                      f"{v['false_positive_rate_at_most']:g}; deciding test {v['deciding_test']})")
+    console.print(f"evidence: {Path(out) / 'evidence.json'}")
 
 
 @audit_app.command("watermark")
