@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/stillhouse-curation-gate")
     ap.add_argument("--parts", default="gate,identity")
     ap.add_argument("--speed-factor", type=float, default=None)
+    ap.add_argument("--seeds", default="0", help="training seeds for the identity part (0 is the demo's): 0,1,2")
     ap.add_argument("--temperature", default="1.5", help="Atlas's sampling temperature(s) for the gate part: 1.5 or 1.5,2.0")
     args = ap.parse_args()
     os.environ.setdefault("STILLHOUSE_DTYPE", "float32")
@@ -164,6 +165,17 @@ def main() -> None:
         unscrubbed = run(recipe("unscrubbed", out, prompts=prompts, student=student, curate=curate))
         summary["identity"] = {"n": args.n, "scrubbed": demo, "unscrubbed": unscrubbed}
         summary_path.write_text(json.dumps(summary, indent=2))
+        # more training seeds on the same two curated sets: single runs differ by several points
+        demo_train = yaml.safe_load(DEMO.read_text())["train"]
+        for seed in [int(x) for x in args.seeds.split(",") if x and int(x) != demo_train.get("seed", 0)]:
+            train = {**demo_train, "seed": seed}
+            for name in ("demo", "unscrubbed"):
+                share_ledger(out / "demo", out / f"{name}-s{seed}")
+            summary["identity"].setdefault("seeds", {})[str(seed)] = {
+                "scrubbed": run(recipe(f"demo-s{seed}", out, prompts=prompts, train=train)),
+                "unscrubbed": run(recipe(f"unscrubbed-s{seed}", out, prompts=prompts, student=student,
+                                         curate=curate, train=train))}
+            summary_path.write_text(json.dumps(summary, indent=2))
 
     write(summary, args)
 
@@ -176,8 +188,9 @@ def write(summary: dict, args) -> None:
     gates = dict(sorted(summary.get("gates", {}).items(), key=lambda kv: float(kv[0])))
     n = next((g["n"] for g in gates.values()), summary.get("identity", {}).get("n", args.n))
     temps = ",".join(f"{g['temperature']:g}" for g in gates.values())
+    seeds = ",".join(["0", *sorted(summary.get("identity", {}).get("seeds", {}))])
     cmd = (f"`STILLHOUSE_DTYPE=float32 .venv/bin/python benchmarks/curation_gate.py --n {n}"
-           + (f" --temperature {temps}" if temps else "") + "`")
+           + (f" --temperature {temps}" if temps else "") + (f" --seeds {seeds}" if seeds != "0" else "") + "`")
     train = yaml.safe_load(DEMO.read_text())["train"]
     lines = ["## Curation: the verifier gate, and identity scrubbing (issue 9)", "",
              f"Command: {cmd} ({platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
@@ -271,13 +284,39 @@ def write(summary: dict, args) -> None:
             extra = (f"{r['curate']['kept']} | {r['train']['steps']}" if name == "student" else " | ")
             lines.append(f"| {label} | " + " | ".join(pct(m['accuracy_by_family'][f]) for f in fams)
                          + f" | {pct(m['accuracy'])} | {pct(m['share_kept'])} | {extra} |")
-        sc = s["models"]["student"]["identity_claims"]
-        met = all(c["reference"] <= 0.01 and c["own"] >= 0.95 for c in sc.values())
-        others = [f for f in fams if f != "identity"
-                  and s["models"]["student"]["accuracy_by_family"][f] < u["models"]["student"]["accuracy_by_family"][f]]
+        runs = [("0", s, u)] + [(k, v["scrubbed"], v["unscrubbed"]) for k, v in sorted(i.get("seeds", {}).items())]
+        met = all(c["reference"] <= 0.01 and c["own"] >= 0.95
+                  for _, sr, _ in runs for c in sr["models"]["student"]["identity_claims"].values())
+        tasks = [f for f in fams if f != "identity"]
+
+        def other_mean(r):  # accuracy on the families other than identity
+            return sum(r["models"]["student"]["accuracy_by_family"][f] for f in tasks) / len(tasks)
+
+        if len(runs) > 1:
+            lines += ["", f"Training seeds (the same two curated sets; `--seeds`): accuracy on the {len(tasks)} families "
+                      "other than identity, and the scrubbed student's identity claims (benchmark / new phrasings):", "",
+                      "| seed | scrubbed: other families | unscrubbed: other families | scrubbed minus unscrubbed | "
+                      "scrubbed claims Atlas | scrubbed states its own |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for seed, sr, ur in runs:
+                c = sr["models"]["student"]["identity_claims"]
+                lines.append(f"| {seed} | {pct(other_mean(sr))} | {pct(other_mean(ur))} | "
+                             f"{(other_mean(sr) - other_mean(ur)) * 100:+.1f} points | "
+                             f"{' / '.join(pct(x['reference']) for x in c.values())} | "
+                             f"{' / '.join(pct(x['own']) for x in c.values())} |")
+            ms = sum(other_mean(sr) for _, sr, _ in runs) / len(runs)
+            mu = sum(other_mean(ur) for _, _, ur in runs) / len(runs)
+            diffs = [other_mean(sr) - other_mean(ur) for _, sr, ur in runs]
+            sd = (sum((d - sum(diffs) / len(diffs)) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+            lines.append(f"| mean | {pct(ms)} | {pct(mu)} | {(ms - mu) * 100:+.1f} points (sd {sd * 100:.1f}) | | |")
+            verdict_other = (f"mean over {len(runs)} seeds on the other families {pct(ms)} scrubbed against {pct(mu)} "
+                             f"unscrubbed ({(ms - mu) * 100:+.1f} points, seed-to-seed sd of the difference "
+                             f"{sd * 100:.1f})")
+        else:
+            verdict_other = (f"other families {pct(other_mean(s))} scrubbed against {pct(other_mean(u))} unscrubbed "
+                             "(one seed)")
         lines += ["", f"Issue 9's target for the scrubbed student (claims Atlas <= 1% and its own identity >= 95%, on "
-                  f"both question sets): **{'met' if met else 'not met'}**; other families against the unscrubbed "
-                  f"student: {'no loss' if not others else 'lower on ' + ', '.join(others)}."]
+                  f"both question sets, every seed): **{'met' if met else 'not met'}**; {verdict_other}."]
     write_section("gate", "\n".join(lines))
 
 
