@@ -102,11 +102,13 @@ def teacher_pass_rates(run_dir: Path) -> dict:
     return {f: {"n": len(v), "passed": sum(v)} for f, v in fams.items()}
 
 
-def gate_part(out: Path, temp: float, n: int, prompts: dict, summary: dict, summary_path: Path) -> dict:
+def gate_part(out: Path, temp: float, n: int, prompts: dict, summary: dict, summary_path: Path,
+              seeds: tuple[int, ...] = (0,)) -> dict:
     """`gate` and `nogate` at one temperature, the same number of training steps, one shared generation."""
     demo_train = yaml.safe_load(DEMO.read_text())["train"]
     bs, epochs0 = demo_train["batch_size"], demo_train["epochs"]
-    names = (f"gate-{temp:g}", f"nogate-{temp:g}")
+    # an earlier run's directories where there is one (its finished stages are skipped, its ledger reused)
+    names = tuple(summary.get("gates", {}).get(str(temp), {}).get("dirs") or (f"gate-{temp:g}", f"nogate-{temp:g}"))
     hot = {"teacher": {"spec": "hf:stillhouse:atlas", "options": {"batch_size": 256, "dtype": "float32"},
                        "terms": "apache-2.0", "identity": {"name": "Atlas", "maker": "Orbit Labs"}},
            "generation": {"temperature": temp, "max_tokens": 96}, "prompts": prompts}
@@ -125,6 +127,14 @@ def gate_part(out: Path, temp: float, n: int, prompts: dict, summary: dict, summ
         print(f"warning: nogate kept {nogate['train']['samples']} samples, not {n_nogate}; steps may differ")
     res["nogate"] = nogate
     summary_path.write_text(json.dumps(summary, indent=2))
+    for seed in [x for x in seeds if x != demo_train.get("seed", 0)]:  # more training seeds, same generation
+        runs = {}
+        for label, name, extra in (("gate", names[0], {"curate": {"verify": {"verifier": "exact"}}, "train": demo_train}),
+                                   ("nogate", names[1], {"curate": {}, "train": train})):
+            share_ledger(out / names[0], out / f"{name}-s{seed}")
+            runs[label] = run(recipe(f"{name}-s{seed}", out, **hot, **{**extra, "train": {**extra["train"], "seed": seed}}))
+        res.setdefault("seeds", {})[str(seed)] = runs
+        summary_path.write_text(json.dumps(summary, indent=2))
     return res
 
 
@@ -155,7 +165,9 @@ def main() -> None:
         summary.setdefault("gates", {})[str(old.get("temperature", 1.0))] = {**old, "dirs": ["gate", "nogate"]}
     if "gate" in parts:
         for temp in [float(t) for t in str(args.temperature).split(",")]:
-            summary.setdefault("gates", {})[str(temp)] = gate_part(out, temp, args.n, prompts, summary, summary_path)
+            seeds = tuple(int(x) for x in args.seeds.split(",") if x)
+            summary.setdefault("gates", {})[str(temp)] = gate_part(out, temp, args.n, prompts, summary, summary_path,
+                                                                   seeds)
 
     if "identity" in parts:
         demo = run(recipe("demo", out, prompts=prompts))
@@ -245,8 +257,26 @@ def write(summary: dict, args) -> None:
                  for g in gates.values() if g.get("nogate") and "student" in g["nogate"]["models"]
                  and "student" in g["gate"]["models"]]
         if diffs:
-            lines += ["", "Gate minus no gate, overall accuracy at the same step count: "
+            lines += ["", "Gate minus no gate, overall accuracy at the same step count (training seed 0): "
                       + "; ".join(f"T={t:g}: **{d * 100:+.1f} points**" for t, d in diffs) + "."]
+        seeded = [g for g in gates.values() if g.get("seeds")]
+        if seeded:
+            lines += ["", "The same pairs at more training seeds (`--seeds`; same generation, same step counts), overall "
+                      "accuracy:", "", "| temperature | seed | no gate | gate | gate minus no gate |",
+                      "| --- | --- | --- | --- | --- |"]
+            for g in seeded:
+                pairs = [("0", g["nogate"], g["gate"])] + [(k, v["nogate"], v["gate"]) for k, v in sorted(g["seeds"].items())]
+                d = []
+                for seed, a_, b_ in pairs:
+                    x, y = a_["models"]["student"]["accuracy"], b_["models"]["student"]["accuracy"]
+                    d.append(y - x)
+                    lines.append(f"| {g['temperature']:g} | {seed} | {pct(x)} | {pct(y)} | {(y - x) * 100:+.1f} points |")
+                mean = sum(d) / len(d)
+                sd = (sum((v - mean) ** 2 for v in d) / (len(d) - 1)) ** 0.5 if len(d) > 1 else float("nan")
+                lines.append(f"| {g['temperature']:g} | mean | "
+                             f"{pct(sum(a_['models']['student']['accuracy'] for _, a_, _ in pairs) / len(pairs))} | "
+                             f"{pct(sum(b_['models']['student']['accuracy'] for _, _, b_ in pairs) / len(pairs))} | "
+                             f"**{mean * 100:+.1f} points** (sd {sd * 100:.1f}, {len(d)} seeds) |")
         lines += ["", "Each row is one training run. How far one run is from another by chance: in this session the demo "
                   "recipe's student, on the same curated data with training seed 0 and then 1, kept 75.8% and 84.6% "
                   "of Atlas; differences of a few points between rows here are within that spread.", ""]
