@@ -140,6 +140,28 @@ def test_logprobs_and_prompt_scores_match_the_model(engine):
                                                                abs=1e-4)
 
 
+def test_a_watermarked_engines_logprobs_are_the_raw_models(tiny_models, tmp_path):
+    """The tokens come from the watermarked scores; the logprobs reported describe the model before the bias (the
+    README says so)."""
+    from stillhouse.watermark import keygen
+
+    keyfile = tmp_path / "wm.json"
+    keygen(keyfile, bias=8.0)  # strong enough that greedy decoding follows the green list
+    e = Engine(str(tiny_models["teacher"]), max_batch=4, dtype="float32", watermark=str(keyfile))
+    try:
+        ids = _ids(e, PROMPTS[0])
+        res = e.submit(GenRequest(ids, 8, temperature=0.0, top_logprobs=0)).result(timeout=60)
+        with torch.inference_mode():
+            logp = e.model(input_ids=torch.tensor([ids + res.token_ids])).logits[0].float().log_softmax(-1)
+    finally:
+        e.close()
+    rows = [logp[len(ids) - 1 + t] for t in range(len(res.token_ids))]
+    for entry, row in zip(res.logprobs, rows):
+        assert entry["logprob"] == pytest.approx(float(row[entry["id"]]), abs=1e-4)  # the raw model's logprob
+    # and the bias did steer the choice somewhere: a token that is not the raw model's argmax
+    assert any(entry["id"] != int(row.argmax()) for entry, row in zip(res.logprobs, rows))
+
+
 def test_cached_green_lists_bias_exactly_as_transformers_watermark_processor():
     from transformers import WatermarkingConfig
 
