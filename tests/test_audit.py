@@ -163,3 +163,16 @@ def test_audit_command_on_watermarked_texts(tiny_models, tmp_path):
 
     r = CliRunner().invoke(app, ["audit", "--suspect", str(texts), "--watermark-key", str(keyfile)])
     assert r.exit_code != 0 and "--tokenizer" in str(r.exception or r.output)
+
+
+def test_suspect_specs_resolve_or_fail_in_one_line(tmp_path, tiny_models):
+    from stillhouse.audit.run import resolve_suspect
+
+    assert resolve_suspect("stillhouse:atlas").spec == "hf:stillhouse:atlas"
+    assert resolve_suspect(str(tiny_models["base"])).spec == f"hf:{tiny_models['base']}"
+    ref = resolve_suspect("openai:gpt-4o-mini", base_url="http://127.0.0.1:9/v1")
+    assert ref.options == {"base_url": "http://127.0.0.1:9/v1", "api_key_required": False}
+    with pytest.raises(StillhouseError, match="unknown teacher backend 'nosuch'"):
+        resolve_suspect("nosuch:thing")
+    with pytest.raises(StillhouseError, match="does not exist"):
+        resolve_suspect(str(tmp_path / "missing.jsonl"))

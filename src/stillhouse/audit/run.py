@@ -32,8 +32,8 @@ def resolve_suspect(spec: str, base_url: str | None = None):
     p = Path(spec)
     if spec.endswith(".jsonl"):
         return read_texts(p)
-    if p.is_dir():
-        return ModelRef(f"hf:{p}")
+    if p.is_dir() or spec.startswith("stillhouse:"):  # a local directory, or a model the package carries
+        return ModelRef(f"hf:{spec}")
     try:
         backend, _ = parse_spec(spec)
     except (StillhouseError, ValueError) as e:
