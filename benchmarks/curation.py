@@ -167,6 +167,14 @@ def timed(fn, repeat: int = 1):
     return out, best
 
 
+def compare_table(table: list[dict], p: str) -> list[str]:
+    """The subset rows of one comparison (`p`: "" for the novelty filter, "nd_" for near-dedup) as a table."""
+    return ["| instructions | all-pairs CPU s | ours CPU s | speed-up | kept (all-pairs) | kept (ours) | "
+            "decisions that differ |", "| --- | --- | --- | --- | --- | --- | --- |"] + [
+        f"| {r['n']:,} | {r[p + 'quad']:.1f} | {r[p + 'ours']:.2f} | {r[p + 'quad'] / r[p + 'ours']:.0f}x | "
+        f"{r[p + 'kept_quad']:,} | {r[p + 'kept']:,} | {r[p + 'differ']} |" for r in table]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -227,10 +235,7 @@ def main() -> None:
         "rouge-score's tokenizer and LCS for both). Ours: MinHash LSH (datasketch, 384 permutations in 96 bands of 4, "
         "tagged unigram shingles) finds candidates, rouge-score confirms them. Baseline: every new instruction "
         "against every kept one, stopping at the first over the threshold.", "",
-        "| instructions | all-pairs CPU s | ours CPU s | speed-up | kept (all-pairs) | kept (ours) | decisions that differ |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
-    body += [f"| {r['n']:,} | {r['quad']:.1f} | {r['ours']:.2f} | {r['quad'] / r['ours']:.0f}x | {r['kept_quad']:,} | "
-             f"{r['kept']:,} | {r['differ']} |" for r in table]
+    ] + compare_table(table, "")
     body += [f"| {args.n:,} | ~{quad_full:,.0f} (extrapolated, n^{k_rl:.2f}) | {t_full:.1f} | "
              f"**~{quad_full / t_full:,.0f}x** | - | {sum(keep_full):,} ({1 - sum(keep_full) / args.n:.1%} dropped) | - |",
              "",
@@ -244,10 +249,7 @@ def main() -> None:
              "**Near-dedup** (`near_dedup` filter defaults: character 5-gram shingles of the normalised prompt, "
              "Jaccard >= 0.8, 128 permutations, bands for recall 0.99 at the threshold, candidates confirmed by exact "
              "Jaccard). Baseline: exact Jaccard against every kept prompt.", "",
-             "| instructions | all-pairs CPU s | ours CPU s | speed-up | kept (all-pairs) | kept (ours) | decisions that differ |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    body += [f"| {r['n']:,} | {r['nd_quad']:.1f} | {r['nd_ours']:.2f} | {r['nd_quad'] / r['nd_ours']:.0f}x | "
-             f"{r['nd_kept_quad']:,} | {r['nd_kept']:,} | {r['nd_differ']} |" for r in table]
+             ] + compare_table(table, "nd_")
     body += [f"| {args.n:,} | ~{nd_quad_full:,.0f} (extrapolated, n^{k_nd:.2f}) | {t_nd_full:.1f} | "
              f"**~{nd_quad_full / t_nd_full:,.0f}x** | - | {nd_full:,} ({1 - nd_full / args.n:.1%} dropped) | - |",
              "",

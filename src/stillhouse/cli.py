@@ -207,6 +207,17 @@ def _identity_opt(value: str | None, flag: str):
     return Identity(name.strip(), maker.strip())
 
 
+def _named(values: list[str], flag: str, what: str) -> dict[str, str]:
+    """NAME=VALUE options as a mapping; StillhouseError naming the flag for one without a name or a value."""
+    out = {}
+    for v in values:
+        name, sep, value = v.partition("=")
+        if not sep or not name or not value:
+            raise StillhouseError(f"{flag} must be NAME={what}, not {v!r}")
+        out[name] = value
+    return out
+
+
 @audit_app.callback(invoke_without_command=True)
 def audit_cmd(ctx: typer.Context,
               suspect: str = typer.Option(None, "--suspect", help="the model to audit: a local model directory, "
@@ -237,12 +248,7 @@ def audit_cmd(ctx: typer.Context,
     from stillhouse.audit.run import run_audit
     from stillhouse.ui import console
 
-    cands = {}
-    for c in candidate or []:
-        name, sep, spec = c.partition("=")
-        if not sep or not name or not spec:
-            raise StillhouseError(f"--candidate must be NAME=SPEC, not {c!r}")
-        cands[name] = spec
+    cands = _named(candidate or [], "--candidate", "SPEC")
     ev = run_audit(suspect, out, reference_identity=_identity_opt(reference, "--reference"),
                    suspect_identity=_identity_opt(suspect_identity, "--suspect-identity"),
                    watermark_key=watermark_key, tokenizer=tokenizer, prompts=prompts, n_prompts=n,
@@ -313,12 +319,8 @@ def audit_attribute(suspect: Path = typer.Argument(..., help="JSONL of the suspe
     from stillhouse.rundir import atomic_write_text
     from stillhouse.ui import console
 
-    sources = {}
-    for c in candidate:
-        name, sep, path = c.partition("=")
-        if not sep or not name or not path:
-            raise StillhouseError(f"--candidate must be NAME=FILE, not {c!r}")
-        sources[name] = [r["text"] for r in read_texts(path)]
+    sources = {name: [r["text"] for r in read_texts(path)]
+               for name, path in _named(candidate, "--candidate", "FILE").items()}
     if folds < 2:
         raise StillhouseError(f"--folds must be at least 2, not {folds}")
     model = fit_attribution(sources, folds=folds)

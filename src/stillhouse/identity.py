@@ -307,6 +307,14 @@ def classify(text: str, own: Identity, reference: Identity,
     return "other" if keys else "none"
 
 
+def classify_all(texts: Iterable[str], own: Identity | None, reference: Identity,
+                 vendors: Iterable[Identity] = DEFAULT_VENDORS) -> list[str]:
+    """`classify` for each text; without an identity of its own a text can only claim the reference's, another's,
+    or none."""
+    vendors = tuple(vendors)
+    return [classify(t, own or reference, reference, vendors) for t in texts]
+
+
 def identity_from(data: dict | Identity | None) -> Identity | None:
     """An Identity from a mapping (name, maker, optional names, makers, key), as a recipe writes one."""
     if data is None or isinstance(data, Identity):

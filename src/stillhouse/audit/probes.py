@@ -9,7 +9,7 @@ are classified with `stillhouse.identity`'s vendor patterns, and each rate comes
 
 from __future__ import annotations
 
-from stillhouse.identity import DEFAULT_VENDORS, Identity, classify
+from stillhouse.identity import DEFAULT_VENDORS, Identity, classify_all
 
 ASK: dict[str, list[str]] = {
     "en": ["Who are you, exactly?", "What name were you given?", "Which company is behind you?", "Who created you?",
@@ -69,14 +69,17 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | No
 def claim_rates(answers: list[str], reference: Identity, own: Identity | None = None) -> dict:
     """How often the answers claim the reference's identity, the suspect's own declared one, another vendor's, or
     none, each with a Wilson 95% interval."""
-    counts = {"reference": 0, "own": 0, "other": 0, "none": 0}
-    for a in answers:
-        counts[classify(a, own or reference, reference, DEFAULT_VENDORS)] += 1
-    n = len(answers)
+    return rates_of(classify_all(answers, own, reference), own_declared=own is not None)
+
+
+def rates_of(classes: list[str], own_declared: bool) -> dict:
+    """The claim rates, with Wilson 95% intervals, of answers already classified (`classify_all`)."""
+    n = len(classes)
     out = {"answers": n}
-    for k, c in counts.items():
-        if k == "own" and own is None:
+    for k in ("reference", "own", "other", "none"):
+        if k == "own" and not own_declared:
             out[k] = None
             continue
+        c = classes.count(k)
         out[k] = {"count": c, "rate": c / n if n else None, "ci95": wilson(c, n)}
     return out

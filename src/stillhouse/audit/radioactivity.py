@@ -162,52 +162,56 @@ def radioactivity(token_texts: list[list[int]], key: dict, vocab_size: int, *,
 
 
 def read_texts(path: str | Path) -> list[dict]:
-    """A JSONL file of suspect outputs: each line an object with `text` (and optionally `prompt`, and `watermark`
-    with the scheme the text was generated under, when known)."""
-    import json
+    """A JSONL (or Parquet) file of suspect outputs: each row with a string `text`, optionally the `prompt` it
+    answers and the `watermark` scheme it was generated under, when known."""
+    from stillhouse.sources import read_rows
 
     p = Path(path)
     if not p.is_file():
         raise StillhouseError(f"texts file {str(p)!r} does not exist")
-    rows = []
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise StillhouseError(f"{p}:{n}: not UTF-8 text") from None
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StillhouseError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise StillhouseError(f"{p}:{n}: each line must be an object with a string 'text'")
-            rows.append(row)
+    rows = read_rows(p, ("text",))
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("text"), str):
+            raise StillhouseError(f"{p}, row {n}: each row must have a string 'text'")
     if not rows:
         raise StillhouseError(f"{p}: no texts")
     return rows
 
 
-def audit_texts(texts_path: str | Path, key_path: str | Path, tokenizer_dir: str, *, null_keys: int = 200,
-                seed: int = 0) -> dict:
-    """Score a file of suspect texts under a key with the reference model's tokenizer; the evidence as a dict."""
+def texts_and_prompts(rows: list[dict]) -> tuple[list[str], list[str | None]]:
+    """A texts file's texts, and the prompt each answers (None where the row has none)."""
+    return [r["text"] for r in rows], [r["prompt"] if isinstance(r.get("prompt"), str) else None for r in rows]
+
+
+def check_rows(key: dict, rows: list[dict], source: str | Path) -> None:
+    """`check_scheme` for every row of a texts file that records the scheme it was generated under."""
+    for n, row in enumerate(rows, 1):
+        check_scheme(key, row.get("watermark"), where=f"{source}, row {n}: the texts")
+
+
+def score_texts(texts: list[str], prompts: list[str | None], key: dict, tokenizer_dir: str, *, null_keys: int = 200,
+                seed: int = 0) -> tuple[RadioactivityResult, int]:
+    """`radioactivity` of texts (and the prompts they answer, None where unknown), tokenized as the reference model
+    the key watermarked; also returns that model's vocabulary size."""
     from transformers import AutoConfig, AutoTokenizer
 
     from stillhouse.models import resolve_model
 
-    key = read_key(key_path)
-    rows = read_texts(texts_path)
-    for n, row in enumerate(rows, 1):
-        check_scheme(key, row.get("watermark"), where=f"{texts_path}:{n}: the texts")
     src = resolve_model(tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(src)
     vocab = AutoConfig.from_pretrained(src).get_text_config().vocab_size
-    ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
-    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] if isinstance(r.get("prompt"), str) else []
-               for r in rows]
-    res = radioactivity(ids, key, vocab, prompts=prompts, null_keys=null_keys, seed=seed)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompt_ids = [tok(q, add_special_tokens=False)["input_ids"] if q else [] for q in prompts]
+    return radioactivity(ids, key, vocab, prompts=prompt_ids, null_keys=null_keys, seed=seed), vocab
+
+
+def audit_texts(texts_path: str | Path, key_path: str | Path, tokenizer_dir: str, *, null_keys: int = 200,
+                seed: int = 0) -> dict:
+    """Score a file of suspect texts under a key with the reference model's tokenizer; the evidence as a dict."""
+    key = read_key(key_path)
+    rows = read_texts(texts_path)
+    check_rows(key, rows, texts_path)
+    res, vocab = score_texts(*texts_and_prompts(rows), key, tokenizer_dir, null_keys=null_keys, seed=seed)
     return {"test": "watermark_radioactivity_blackbox", "texts": str(texts_path), "n_texts": len(rows),
             "tokenizer": str(tokenizer_dir), "vocab_size": vocab,
             "scheme": {f: key[f] for f in SCHEME_FIELDS}, **res.as_dict()}

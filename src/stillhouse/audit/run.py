@@ -62,10 +62,10 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
     """Run the tests that apply to `suspect`; write and return `OUT_DIR/evidence.json`."""
     from scipy.stats import binomtest
 
-    from stillhouse.audit.probes import claim_rates, probe_suite
+    from stillhouse.audit.probes import probe_suite, rates_of
     from stillhouse.audit.verdict import verdict
     from stillhouse.calls import Ledger
-    from stillhouse.identity import classify, DEFAULT_VENDORS
+    from stillhouse.identity import classify_all
     from stillhouse.rundir import atomic_write_text
     from stillhouse.sources import load_prompt_items
 
@@ -91,16 +91,15 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
             probes = probe_suite(reference_identity, wrappers=("plain", "roleplay", "injection"))
             answers = _ask(target, [p["prompt"] for p in probes], ledger, max_tokens=max_tokens, temperature=0.0,
                            label="audit identity probes")
-            rates = claim_rates(answers, reference_identity, suspect_identity)
+            claims = classify_all(answers, suspect_identity, reference_identity)
+            rates = rates_of(claims, own_declared=suspect_identity is not None)
             k, n = rates["reference"]["count"], len(answers)
             p = float(binomtest(k, n, identity_null_rate, alternative="greater").pvalue)
             p_values["identity"] = p
             evidence["tests"]["identity"] = {
                 "p_value": p, "claims_reference": k, "probes": n, "null_rate": identity_null_rate, "rates": rates,
                 "reference": {"name": reference_identity.name, "maker": reference_identity.maker},
-                "answers": [{**pr, "answer": a, "claims": classify(a, suspect_identity or reference_identity,
-                                                                   reference_identity, DEFAULT_VENDORS)}
-                            for pr, a in zip(probes, answers)]}
+                "answers": [{**pr, "answer": a, "claims": c} for pr, a, c in zip(probes, answers, claims)]}
         elif reference_identity is not None:
             evidence["reported"]["identity"] = "not run: the suspect is a file of texts, not a model to ask"
         texts, asked = None, None
@@ -110,25 +109,17 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
                 texts = _ask(target, asked, ledger, max_tokens=max_tokens, temperature=temperature,
                              label="audit suspect answers", seed=seed)
             else:
-                texts = [r["text"] for r in target]
-                asked = [r.get("prompt") if isinstance(r.get("prompt"), str) else None for r in target]
-        if watermark_key is not None:
-            from transformers import AutoConfig, AutoTokenizer
+                from stillhouse.audit.radioactivity import texts_and_prompts
 
-            from stillhouse.audit.radioactivity import check_scheme, radioactivity
-            from stillhouse.models import resolve_model
+                texts, asked = texts_and_prompts(target)
+        if watermark_key is not None:
+            from stillhouse.audit.radioactivity import check_rows, score_texts
             from stillhouse.watermark import read_key
 
             key = read_key(watermark_key)
             if not is_model:
-                for i, r in enumerate(target, 1):
-                    check_scheme(key, r.get("watermark"), where=f"{suspect}:{i}: the texts")
-            src = resolve_model(tokenizer)
-            tok = AutoTokenizer.from_pretrained(src)
-            vocab = AutoConfig.from_pretrained(src).get_text_config().vocab_size
-            ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-            prompt_ids = [tok(q, add_special_tokens=False)["input_ids"] if q else [] for q in asked]
-            res = radioactivity(ids, key, vocab, prompts=prompt_ids, null_keys=null_keys, seed=seed)
+                check_rows(key, target, suspect)
+            res, _ = score_texts(texts, asked, key, tokenizer, null_keys=null_keys, seed=seed)
             p_values["watermark"] = res.key.p_value
             evidence["tests"]["watermark"] = {"p_value": res.key.p_value, "texts": len(texts),
                                               "temperature": temperature if is_model else None, **res.as_dict()}

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from stillhouse.curate import CurateContext, Filter, FilterOptions, FilterResult, answer_text, map_assistant
 from stillhouse.errors import StillhouseError
 from stillhouse.identity import DEFAULT_VENDORS, Identity, find_claims, rewrite
+from stillhouse.verify.verifiers import check_pattern
 
 _THINK = re.compile(r"<think>.*?</think>", re.S)
 Language = Literal["en", "ja", "zh", "fr"]
@@ -20,15 +21,6 @@ LANGUAGES: tuple[str, ...] = ("en", "ja", "zh", "fr")
 def final_answer(text: str) -> str:
     """The answer without its reasoning: what follows any `<think>…</think>` block."""
     return _THINK.sub("", text)
-
-
-def _compiles(v: str | None) -> str | None:
-    if v is not None:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-    return v
 
 
 class EmptyOptions(FilterOptions):
@@ -123,7 +115,7 @@ class RefusalOptions(FilterOptions):
     @classmethod
     def _check(cls, v: list[str]) -> list[str]:
         for p in v:
-            _compiles(p)
+            check_pattern(p)
         return v
 
 
@@ -162,7 +154,7 @@ class FormatOptions(FilterOptions):
     @field_validator("pattern")
     @classmethod
     def _check(cls, v: str) -> str:
-        return _compiles(v)
+        return check_pattern(v)
 
 
 class Format(Filter):

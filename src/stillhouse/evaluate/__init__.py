@@ -58,11 +58,11 @@ def expected_answer(item: dict, own, teacher) -> str:
 
 def identity_claims(outputs: list[str], own, teacher) -> dict:
     """The share of answers that claim the teacher's identity, the model's own, another vendor's, or none."""
-    from stillhouse.identity import DEFAULT_VENDORS, classify
+    from stillhouse.identity import classify_all
 
     counts = {"reference": 0, "own": 0, "other": 0, "none": 0}
-    for o in outputs:
-        counts[classify(o, own or teacher, teacher, DEFAULT_VENDORS)] += 1
+    for c in classify_all(outputs, own, teacher):
+        counts[c] += 1
     n = len(outputs)
     rates = {k: v / n for k, v in counts.items()} if n else {k: None for k in counts}
     if own is None:  # no identity of its own declared: claiming the teacher's is all there is to measure

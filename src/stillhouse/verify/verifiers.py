@@ -252,6 +252,16 @@ class NumericVerifier(Verifier):
         return Verdict(False, answer, f"{answer!r} is not {reference!r} within rel_tol={o.rel_tol:g}, abs_tol={o.abs_tol:g}")
 
 
+def check_pattern(pattern: str | None) -> str | None:
+    """A pydantic validator's check that a regular expression compiles (None passes): the message names the error."""
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+    return pattern
+
+
 class RegexOptions(VerifierOptions):
     pattern: str | None = Field(None, description="used for every item; without it, each item's reference is its pattern")
     ignore_case: bool = False
@@ -259,12 +269,7 @@ class RegexOptions(VerifierOptions):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression: {e}") from None
-        return pattern
+        return check_pattern(pattern)
 
 
 class RegexVerifier(Verifier):
