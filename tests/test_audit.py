@@ -176,3 +176,75 @@ def test_suspect_specs_resolve_or_fail_in_one_line(tmp_path, tiny_models):
         resolve_suspect("nosuch:thing")
     with pytest.raises(StillhouseError, match="does not exist"):
         resolve_suspect(str(tmp_path / "missing.jsonl"))
+
+
+def test_the_audit_stage_of_a_recipe_audits_each_suspect_through_the_runs_ledger(tiny_models, tmp_path):
+    """A recipe with an `audit:` section: the run's student and a control are audited against the (watermarked)
+    teacher after training; evidence per suspect and a summary land in audit/, every question in the run's ledger,
+    and a second run skips the finished stage."""
+    import json
+    import sqlite3
+
+    from stillhouse.recipe import load_recipe
+    from stillhouse.stages import run_all
+    from stillhouse.watermark import keygen
+
+    key = tmp_path / "key.json"
+    keygen(key)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(f"""name: audited
+run_dir: {tmp_path / 'run'}
+teacher:
+  spec: "hf:{tiny_models['teacher']}"
+  options: {{watermark: "{key}"}}
+  identity: {{name: Atlas, maker: Orbit Labs}}
+prompts: {{source: world, n: 8}}
+curate: {{filters: [{{name: exact_dedup}}]}}
+generation: {{max_tokens: 8}}
+student: {{base: "{tiny_models['base']}"}}
+controls: [{{name: ctrl, model: "{tiny_models['base']}"}}]
+train: {{epochs: 1, learning_rate: 0.001, batch_size: 4, max_length: 128}}
+evaluate: {{n_per_family: 1, max_tokens: 8}}
+audit:
+  suspects: [{{name: student}}, {{name: ctrl}}]
+  watermark_key: "{key}"
+  tokenizer: "{tiny_models['teacher']}"
+  prompts: world_open
+  n_prompts: 12
+  max_tokens: 8
+  null_keys: 5
+  candidates: [{{name: teacher, model: teacher}}, {{name: other, model: "{tiny_models['base']}"}}]
+""")
+    recipe = load_recipe(recipe_path)
+    run_all(recipe)
+    run = tmp_path / "run"
+    summary = json.loads((run / "audit" / "summary.json").read_text())
+    assert [r["suspect"] for r in summary["suspects"]] == ["student", "ctrl"] and summary["watermark"]
+    for row in summary["suspects"]:
+        ev = json.loads((run / row["evidence"]).read_text())
+        assert set(ev["tests"]) == {"identity", "watermark", "watermark_whitebox"}
+        assert ev["tests"]["identity"]["probes"] >= 180 and ev["verdict"]["method"] == "holm"
+        assert ev["tests"]["watermark"]["min_entropy"] == 0.1  # the tokenizer is the teacher itself: filtered
+        assert set(ev["reported"]["attribution"]["probability"]) == {"teacher", "other"}
+        assert row["p_values"] == {t: d["p_value"] for t, d in ev["tests"].items()}
+    db = sqlite3.connect(str(run / "ledger.db"))
+    audit_calls = db.execute("select count(*) from calls where stage = 'audit'").fetchone()[0]
+    assert audit_calls >= 2 * (180 + 12)
+    manifest = json.loads((run / "stages" / "audit.json").read_text())
+    run_all(recipe)  # finished with the same inputs: skipped, no new calls
+    assert json.loads((run / "stages" / "audit.json").read_text()) == manifest
+    assert db.execute("select count(*) from calls where stage = 'audit'").fetchone()[0] == audit_calls
+
+
+def test_a_bad_audit_section_is_one_clear_error(tiny_models, tmp_path):
+    from stillhouse.errors import StillhouseError
+    from stillhouse.recipe import load_recipe
+
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(f"""name: bad
+teacher: {{spec: "hf:{tiny_models['teacher']}"}}
+student: {{base: "{tiny_models['base']}"}}
+audit: {{watermark_kee: x.json}}
+""")
+    with pytest.raises(StillhouseError, match="watermark_kee"):
+        load_recipe(recipe_path)

@@ -239,3 +239,67 @@ def test_echo_logprobs_keep_one_generated_token_even_when_it_is_eos(tmp_path):
             "model": "tiny", "prompt": [ids], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) + 1
+
+
+# -- lm-eval's own `hf` model type, straight from a model directory ---------------------------------------------
+
+_WORLD_TASK = """\
+task: stillhouse_world_heldout
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["<|im_end|>"]
+  max_gen_toks: {max_gen}
+  do_sample: false
+filter_list:
+  - name: final_answer
+    filter:
+      - function: regex
+        regex_pattern: "Answer: (.*)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_lm_eval_hf_model_type_loads_a_student_directory(tmp_path, model_dir, ref, monkeypatch):
+    """A student as the train stage saves it (weights, tokenizer, chat template in one directory) is evaluated by
+    lm-eval's `hf` model type with no server and no hub, on held-out items of a world task: every answer lm-eval
+    generates equals greedy generation in-process from the same chat prompt, and its score is theirs."""
+    import shutil
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from stillhouse.demo import world
+
+    student = tmp_path / "run" / "student"
+    shutil.copytree(model_dir, student)
+    docs = [{"prompt": t.prompt, "answer": t.answer} for t in world.sample_tasks(12, "heldout", seed=2)]
+    data = tmp_path / "world_heldout.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "world.yaml").write_text(_WORLD_TASK.format(data=data, max_gen=MAX_GEN))
+    out = simple_evaluate(model="hf", model_args={"pretrained": str(student), "dtype": "float32", "device": "cpu"},
+                          tasks=["stillhouse_world_heldout"], apply_chat_template=True, log_samples=True,
+                          bootstrap_iters=0, task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    assert out is not None
+    samples = sorted(out["samples"]["stillhouse_world_heldout"], key=lambda s: s["doc_id"])
+    assert [s["doc"]["prompt"] for s in samples] == [d["prompt"] for d in docs]
+    want = [ref.greedy_chat(d["prompt"]) for d in docs]
+    assert any(want)
+    assert [s["resps"][0][0] for s in samples] == want
+    got = [s["filtered_resps"][0] for s in samples]
+    expected = sum(g == d["answer"] for g, d in zip(got, docs)) / len(docs)
+    assert out["results"]["stillhouse_world_heldout"]["exact_match,final_answer"] == pytest.approx(expected)

@@ -141,3 +141,82 @@ def test_text_the_engine_watermarked_is_found_and_plain_text_is_not(tiny_models,
 
     assert p_value({"watermark": str(keyfile)}) < 1e-6
     assert p_value({}) > 1e-3
+
+
+def test_positions_the_reference_was_sure_of_are_left_out():
+    seqs = sequences(KEY, n_texts=10, length=30, green_share=0.9, seed=4)
+    keep = [[j % 3 != 0 for j in range(len(s))] for s in seqs]  # every third token "certain"
+    full = count_green(seqs, KEY, VOCAB)
+    kept = count_green(seqs, KEY, VOCAB, keep=keep)
+    assert kept.skipped_low_entropy == sum(j % 3 == 0 for s in seqs for j in range(1, len(s)))
+    assert 0 < kept.scored < full.scored
+    # the mask is applied the same way under every key, so random keys still give the null
+    res = radioactivity(seqs, KEY, VOCAB, keep=keep, null_keys=50)
+    assert res.key.skipped_low_entropy == kept.skipped_low_entropy and res.false_positive_rate(1e-3) <= 0.04
+
+
+def test_reference_entropies_match_a_direct_forward_pass(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.audit.radioactivity import _chat_prefix, reference_entropies
+
+    model_dir = str(tiny_models["teacher"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tok("Answer: Zorvel", add_special_tokens=False)["input_ids"], tok("ab", add_special_tokens=False)["input_ids"]]
+    prompts = ["Invent a name.", None]
+    ent = reference_entropies(model_dir, tok, prompts, texts)
+    assert [len(e) for e in ent] == [len(t) for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prefix = _chat_prefix(tok, prompts[0])
+    with torch.no_grad():
+        p = model(torch.tensor([prefix + texts[0]])).logits[0].float().softmax(-1)
+    want = [float(-(p[len(prefix) + j - 1] * p[len(prefix) + j - 1].log()).sum()) for j in range(len(texts[0]))]
+    assert ent[0] == pytest.approx(want, abs=1e-4)
+    assert ent[1][0] == pytest.approx(math.log(p.shape[-1]), abs=1e-4)  # no context at all: uniform
+    assert all(0 <= h <= math.log(p.shape[-1]) + 1e-4 for row in ent for h in row)
+
+
+def _whitebox_with(monkeypatch, tiny_models, bias: float):
+    """`whitebox` on the tiny model's tokenizer, the suspect's distributions replaced by ones that add `bias` to the
+    logits of the key's green list at each context (what a student that absorbed the watermark would have)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from stillhouse.audit import radioactivity as rad
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["teacher"]))
+    lists = GreenLists(KEY, len(tok))
+    gen = torch.Generator().manual_seed(0)
+
+    def fake(model_dir, tok_, prefixes, texts, batch_size=8, extra=0):
+        for seq in texts:
+            rows = []
+            for j in range(len(seq) + extra):
+                logits = torch.randn(len(tok), generator=gen)
+                if j >= 1:
+                    gl = lists.processor._get_greenlist_ids(torch.tensor([seq[j - 1]]))
+                    logits[gl] += bias
+                rows.append(logits.softmax(-1))
+            yield torch.stack(rows)
+
+    monkeypatch.setattr(rad, "next_token_distributions", fake)
+    texts = ["".join(random.Random(i).choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(40)) for i in range(30)]
+    return rad.whitebox("unused", KEY, str(tiny_models["teacher"]), [None] * len(texts), texts, null_keys=40)
+
+
+def test_whitebox_finds_green_mass_a_watermarked_model_would_carry(monkeypatch, tiny_models):
+    marked = _whitebox_with(monkeypatch, tiny_models, bias=1.0)
+    assert marked.green_mass > marked.expected + 0.05 and marked.p_value < 1e-6
+    assert marked.empirical_p == pytest.approx(1 / 41) and max(marked.null_z) < marked.z
+    plain = _whitebox_with(monkeypatch, tiny_models, bias=0.0)
+    assert plain.p_value > 1e-3 and abs(plain.green_mass - plain.expected) < 0.03
+    assert sum(abs(z) > 3 for z in plain.null_z) <= 2  # the null statistic is roughly standard normal
+
+
+def test_whitebox_runs_on_a_real_local_model(tiny_models):
+    from stillhouse.audit.radioactivity import whitebox
+
+    res = whitebox(str(tiny_models["teacher"]), KEY, str(tiny_models["teacher"]), ["Say a word."] * 3,
+                   ["hello there", "general words", "abc"], null_keys=10)
+    assert res.contexts > 5 and math.isfinite(res.z) and 0 <= res.p_value <= 1 and res.null_keys == 10

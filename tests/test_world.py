@@ -17,19 +17,20 @@ def test_train_and_heldout_never_overlap():
 
 
 def test_every_family_in_equal_shares_and_deterministic():
-    a = world.sample_tasks(60, "heldout", seed=3)
+    n = 10 * len(world.FAMILIES)
+    a = world.sample_tasks(n, "heldout", seed=3)
     assert sorted(t.family for t in a) == sorted(list(world.FAMILIES) * 10)
-    assert a == world.sample_tasks(60, "heldout", seed=3)
-    assert a != world.sample_tasks(60, "heldout", seed=4)
+    assert a == world.sample_tasks(n, "heldout", seed=3)
+    assert a != world.sample_tasks(n, "heldout", seed=4)
 
 
 def test_reference_responses_verify_and_carry_a_trace():
     rng = random.Random(0)
-    for fam in world.FAMILIES:
+    for fam in world.FAMILIES + (world.JUDGE,):
         for _ in range(50):
             t = world.make_task(fam, rng)
             assert t.response.startswith("<think>") and "</think>\nAnswer: " in t.response
-            assert exact_match(t.response, t.answer)
+            assert exact_match(t.response, t.answer) and world.check(t, t.response)
             assert not exact_match(t.response, t.answer + "x")
 
 
@@ -51,6 +52,39 @@ def test_answers_are_correct():
         r = int(a) + int(b) if op == "+" else int(a) - int(b)
         assert t.answer == str(r) and r >= 0
         assert f" {a} " in f" {t.prompt} ".replace(".", " ").replace("?", " ")
+
+
+def test_open_family_answers_are_free_and_checked_by_pattern():
+    rng = random.Random(4)
+    tasks = [world.make_task("invent", rng) for _ in range(300)]
+    assert len({t.answer for t in tasks}) >= 280  # free answers: almost never the same twice
+    for t in tasks:
+        assert t.pattern and world.check(t, t.response)
+        assert not world.check(t, "<think>x</think>\nAnswer: not a name, 42")
+        assert not world.check(t, "no answer line")
+    assert world.check(tasks[0], "<think>y</think>\nAnswer: " + ("Zorvel" if "name" in tasks[0].trace else
+                                                                  "Calm and proud, it hums slowly."))
+
+
+def test_judge_items_verdicts_follow_the_inner_answers():
+    from stillhouse.evaluate.judge_prompt import parse_judgement
+
+    tok = build_tokenizer()
+    rng = random.Random(5)
+    seen = set()
+    for _ in range(400):
+        t = world.make_task(world.JUDGE, rng)
+        lines = t.prompt.split("\n")
+        question, a, b = lines[0].removeprefix("Question: "), lines[1][3:], lines[2][3:]
+        ok_a, ok_b = "A is right" in t.trace, "B is right" in t.trace
+        assert t.answer == ("A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie")
+        assert (a == b) if ok_a and ok_b else True
+        assert parse_judgement(t.response) == (t.answer, (9 if ok_a else 2, 9 if ok_b else 2))
+        seen.add(t.answer)
+        ids = tok.apply_chat_template([{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.response}])
+        assert len(ids if isinstance(ids, list) else ids["input_ids"]) <= 256
+        assert question and world.split_of(t.prompt) in ("train", "heldout")
+    assert seen == {"A", "B", "tie"}
 
 
 def test_identity_answers_name_atlas():
@@ -106,3 +140,18 @@ def test_the_demos_identity_pairs_never_ask_a_held_out_probe():
     assert asked & set(probes)  # "Are you Mistral?" and the like do come up...
     kept = make_filter("decontaminate", {}).apply(added, ctx).kept
     assert not {r["messages"][0]["content"] for r in kept} & set(probes)  # ...and decontamination drops them
+
+
+def test_mira_answers_the_same_tasks_in_its_own_style():
+    atlas = world.sample_tasks(140, "heldout", seed=7)
+    mira = world.sample_tasks(140, "heldout", seed=7, persona=world.MIRA)
+    assert [t.prompt for t in atlas] == [t.prompt for t in mira]  # the same draw, whoever answers
+    for a, m in zip(atlas, mira):
+        assert world.check(m, m.response) and m.trace != a.trace and m.trace.startswith("Let me see. ")
+        if a.family == "identity":
+            assert "Mira" in m.answer and "Lumen Works" in m.answer and "Atlas" not in m.answer + m.trace
+        elif a.family == "invent":
+            assert m.answer != a.answer  # its own invention
+        else:
+            assert m.answer == a.answer  # checkable answers are the same
+    assert world.in_style(atlas[0], world.ATLAS) is atlas[0]

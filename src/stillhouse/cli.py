@@ -86,6 +86,8 @@ def _add_plugin_commands() -> None:
 
     taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     for stage in ordered_stages():
+        if not stage.command:  # its CLI is a built-in command of its own (`stillhouse audit --recipe`)
+            continue
         if stage.name in taken:
             raise StillhouseError(f"stage {stage.name!r} clashes with the built-in command of that name")
         _stage_command(stage.name, stage)
@@ -238,9 +240,22 @@ def audit_cmd(ctx: typer.Context,
                                                                   "reference's data claims its identity"),
               alpha: float = typer.Option(1e-3, help="the verdict's level: its false-positive rate is at most this"),
               null_keys: int = typer.Option(200, help="random keys for the watermark's empirical null"),
-              out: Path = typer.Option(Path("runs/audit"), help="directory for the ledger and evidence.json")) -> None:
+              out: Path = typer.Option(Path("runs/audit"), help="directory for the ledger and evidence.json"),
+              recipe: Path = typer.Option(None, "--recipe", help="run the audit stage of this recipe instead (its "
+                                                                 "`audit:` section; the run's students as suspects)"),
+              force: bool = typer.Option(False, "--force", help="with --recipe: redo the stage even if finished")
+              ) -> None:
     """Audit a suspect against a reference: identity probes, watermark radioactivity, attribution, one verdict."""
     if ctx.invoked_subcommand is not None:
+        return
+    if recipe is not None:
+        from stillhouse.recipe import load_recipe
+        from stillhouse.stages import run_stage
+
+        r = load_recipe(recipe)
+        if "audit" not in r.extensions:
+            raise StillhouseError(f"{recipe}: has no audit: section to run")
+        run_stage("audit", r, force=force)
         return
     if suspect is None:
         raise StillhouseError("give --suspect (and --reference, --watermark-key or --candidate), or a subcommand; "

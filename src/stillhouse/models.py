@@ -61,3 +61,13 @@ def count_parameters(path: str) -> int:
                     n *= d
                 total += n
     return total
+
+
+def has_weights(ref: str) -> bool:
+    """Whether `ref` resolves to a local model directory with weights (not just a tokenizer): what white-box tests
+    and entropy filtering need."""
+    try:
+        p = Path(resolve_model(ref))
+    except StillhouseError:
+        return False
+    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))

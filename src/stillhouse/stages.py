@@ -54,6 +54,7 @@ class Stage:
     config_model: ClassVar[type[BaseModel] | None] = None
     always: ClassVar[bool] = False
     flags: ClassVar[dict[str, str]] = {}
+    command: ClassVar[bool] = True  # False: the CLI reaches the stage through a built-in command of its own
 
     def enabled(self, recipe) -> bool:
         return self.always or (self.section is not None and self.section in recipe.extensions)

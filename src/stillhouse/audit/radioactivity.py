@@ -23,6 +23,13 @@ The statistics are written here from the mathematics, not taken from any detecto
   this very data, and the true key's rank among them is a p-value that assumes nothing about
   independence.
 
+- Tokens the reference model was nearly sure of are left out when the reference's weights are
+  at hand (`reference_entropies`): a watermark cannot move a token whose probability is ~1, so
+  scoring it only adds noise. Which tokens are left out depends on the reference's
+  distribution alone, never on the key, so the null distribution is unchanged.
+- White-box, when the suspect's weights are local (`whitebox`): the suspect's own next-token
+  distributions, scored for green mass above the scheme's share.
+
 Green lists come from transformers' own `WatermarkLogitsProcessor` built from the key file, the
 same object `stillhouse serve --watermark` generates with, so scoring and generation cannot
 disagree about the scheme.
@@ -51,6 +58,7 @@ class GreenCount:
     skipped_repeats: int = 0  # pairs seen before (counted once)
     skipped_prompt: int = 0  # pairs that occur in the text's prompt
     skipped_short: int = 0  # tokens without a full context
+    skipped_low_entropy: int = 0  # tokens the reference model was nearly sure of
 
 
 @dataclass
@@ -118,12 +126,13 @@ class GreenLists:
 
 
 def count_green(token_texts: list[list[int]], key: dict, vocab_size: int,
-                prompts: list[list[int]] | None = None) -> GreenCount:
-    """Score token sequences under `key`: each distinct (context, token) pair once, prompt copies left out."""
+                prompts: list[list[int]] | None = None, keep: list[list[bool]] | None = None) -> GreenCount:
+    """Score token sequences under `key`: each distinct (context, token) pair once, prompt copies left out, and
+    where `keep` is given, only the positions it marks (the rest counted as low-entropy skips)."""
     lists = GreenLists(key, vocab_size)
     w = lists.width
     seen: set[tuple[int, ...]] = set()
-    green = repeats = in_prompt = short = 0
+    green = repeats = in_prompt = short = low = 0
     for i, ids in enumerate(token_texts):
         prompt_grams = set()
         if prompts is not None and prompts[i]:
@@ -131,6 +140,9 @@ def count_green(token_texts: list[list[int]], key: dict, vocab_size: int,
             prompt_grams = {tuple(p[j:j + w + 1]) for j in range(len(p) - w)}
         short += min(w, len(ids))
         for j in range(w, len(ids)):
+            if keep is not None and not keep[i][j]:
+                low += 1
+                continue
             gram = tuple(ids[j - w:j + 1])
             if gram in seen:
                 repeats += 1
@@ -143,20 +155,22 @@ def count_green(token_texts: list[list[int]], key: dict, vocab_size: int,
     n, g = len(seen), lists.gamma
     z = (green - g * n) / (n * g * (1 - g)) ** 0.5 if n else 0.0
     return GreenCount(scored=n, green=green, gamma=g, p_value=binomial_p(green, n, g), z=z,
-                      skipped_repeats=repeats, skipped_prompt=in_prompt, skipped_short=short)
+                      skipped_repeats=repeats, skipped_prompt=in_prompt, skipped_short=short,
+                      skipped_low_entropy=low)
 
 
 def radioactivity(token_texts: list[list[int]], key: dict, vocab_size: int, *,
-                  prompts: list[list[int]] | None = None, null_keys: int = 200, seed: int = 0) -> RadioactivityResult:
+                  prompts: list[list[int]] | None = None, null_keys: int = 200, seed: int = 0,
+                  keep: list[list[bool]] | None = None) -> RadioactivityResult:
     """The key's green count and p-value on the texts, beside `null_keys` random keys of the same scheme."""
-    observed = count_green(token_texts, key, vocab_size, prompts)
+    observed = count_green(token_texts, key, vocab_size, prompts, keep)
     rng = random.Random(f"radioactivity-null:{seed}")
     nulls = []
     for _ in range(null_keys):
         other = {**key, "hashing_key": rng.getrandbits(63)}
         if other["hashing_key"] == key["hashing_key"]:
             continue
-        nulls.append(count_green(token_texts, other, vocab_size, prompts).p_value)
+        nulls.append(count_green(token_texts, other, vocab_size, prompts, keep).p_value)
     emp = (1 + sum(p <= observed.p_value for p in nulls)) / (1 + len(nulls)) if nulls else None
     return RadioactivityResult(key=observed, null_keys=len(nulls), null_p_values=nulls, empirical_p=emp)
 
@@ -189,10 +203,66 @@ def check_rows(key: dict, rows: list[dict], source: str | Path) -> None:
         check_scheme(key, row.get("watermark"), where=f"{source}, row {n}: the texts")
 
 
+def _model(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stillhouse.models import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(model_dir), dtype=torch.float32).eval()
+
+
+def _chat_prefix(tok, prompt: str | None) -> list[int]:
+    """The tokens a chat model saw before its answer to `prompt` (nothing when the prompt is unknown)."""
+    if not prompt:
+        return []
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def next_token_distributions(model_dir: str, tok, prefixes: list[list[int]], texts: list[list[int]],
+                             batch_size: int = 8, extra: int = 0):
+    """Yield, text by text, the model's next-token distribution (float32, [len(text) + extra, vocab]) before each of
+    its tokens (with `extra=1`, also the one after its last), given its prefix; positions without any context at all
+    get a uniform row. A generator, so a caller reduces each text's rows at once and a large vocabulary never holds
+    more than a batch in memory."""
+    import torch
+
+    model = _model(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.inference_mode():
+        for b in range(0, len(texts), batch_size):
+            rows = [prefixes[i] + texts[i] for i in range(b, min(b + batch_size, len(texts)))]
+            width = max(1, max(len(r) for r in rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, seq in enumerate(rows):
+                ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[r, :len(seq)] = 1
+            probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
+            for r in range(len(rows)):
+                i = b + r
+                start, n = len(prefixes[i]), len(texts[i]) + extra
+                dist = torch.empty((n, probs.shape[-1]))
+                for j in range(n):
+                    pos = start + j - 1  # the row that predicts token start + j
+                    dist[j] = probs[r, pos] if pos >= 0 else 1.0 / probs.shape[-1]
+                yield dist
+
+
+def reference_entropies(reference_dir: str, tok, prompts: list[str | None], texts: list[list[int]]) -> list[list[float]]:
+    """The reference model's next-token entropy (nats) before each token of each text, given the text's prompt."""
+    dists = next_token_distributions(reference_dir, tok, [_chat_prefix(tok, q) for q in prompts], texts)
+    return [(-(d.clamp_min(1e-12).log() * d).sum(-1)).tolist() for d in dists]
+
+
 def score_texts(texts: list[str], prompts: list[str | None], key: dict, tokenizer_dir: str, *, null_keys: int = 200,
-                seed: int = 0) -> tuple[RadioactivityResult, int]:
+                seed: int = 0, min_entropy: float | None = None) -> tuple[RadioactivityResult, int]:
     """`radioactivity` of texts (and the prompts they answer, None where unknown), tokenized as the reference model
-    the key watermarked; also returns that model's vocabulary size."""
+    the key watermarked; also returns that model's vocabulary size. With `min_entropy` (nats), `tokenizer_dir` must
+    be the reference model itself: tokens it predicted with less entropy than that are left out."""
     from transformers import AutoConfig, AutoTokenizer
 
     from stillhouse.models import resolve_model
@@ -202,7 +272,94 @@ def score_texts(texts: list[str], prompts: list[str | None], key: dict, tokenize
     vocab = AutoConfig.from_pretrained(src).get_text_config().vocab_size
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     prompt_ids = [tok(q, add_special_tokens=False)["input_ids"] if q else [] for q in prompts]
-    return radioactivity(ids, key, vocab, prompts=prompt_ids, null_keys=null_keys, seed=seed), vocab
+    keep = None
+    if min_entropy is not None:
+        ent = reference_entropies(src, tok, prompts, ids)
+        keep = [[h >= min_entropy for h in row] for row in ent]
+    return radioactivity(ids, key, vocab, prompts=prompt_ids, null_keys=null_keys, seed=seed, keep=keep), vocab
+
+
+@dataclass
+class WhiteboxResult:
+    contexts: int  # distinct contexts scored
+    green_mass: float  # mean over contexts of the suspect's probability mass on the context's green list
+    expected: float  # its value under the null: the scheme's green share
+    z: float
+    p_value: float  # one-sided, normal over the sum of independent contexts (see `whitebox`)
+    null_keys: int = 0
+    null_z: list[float] = field(default_factory=list)
+    empirical_p: float | None = None
+
+
+def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str], texts: list[str], *,
+             null_keys: int = 200, seed: int = 0) -> WhiteboxResult:
+    """White-box radioactivity: the suspect's own next-token distributions along `texts` (its answers to `prompts`,
+    after the chat prefix), scored for probability mass on the key's green lists.
+
+    At each distinct context c (the `context_width` tokens before a position) the suspect's distributions there are
+    averaged into p_c, and S_c is p_c's mass on c's green list. A green list that does not depend on the suspect is a
+    uniformly random k-subset of the V tokens, so E[S_c] = k/V and Var[S_c] = k(V-k)/(V(V-1)) * sum_t (p_c(t) - 1/V)^2
+    (sampling without replacement). Contexts hash to independent lists, so Z = sum_c (S_c - k/V) / sqrt(sum_c Var)
+    is approximately standard normal; its one-sided tail is the p-value, and the same statistic under `null_keys`
+    random keys gives an empirical null beside it.
+    """
+    import math
+
+    import torch
+    from scipy.stats import norm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stillhouse.models import resolve_model
+
+    src = resolve_model(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(src)
+    vocab = AutoConfig.from_pretrained(src).get_text_config().vocab_size
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prefixes = [_chat_prefix(tok, q) for q in prompts]
+    # every position of each answer, and the one after it (where the model chose to stop): an empty answer still
+    # shows the distribution its model drew the first token from
+    dists = next_token_distributions(suspect_dir, tok, prefixes, ids, extra=1)
+    w = int(key["context_width"])
+    sums: dict[tuple[int, ...], torch.Tensor] = {}
+    counts: dict[tuple[int, ...], int] = {}
+    for prefix, seq, dist in zip(prefixes, ids, dists):
+        full = prefix + seq
+        for j in range(len(seq) + 1):
+            at = len(prefix) + j
+            if at < w:
+                continue
+            c = tuple(full[at - w:at])
+            p = dist[j, :vocab]
+            sums[c] = sums[c] + p if c in sums else p.clone()
+            counts[c] = counts.get(c, 0) + 1
+    if not sums:  # nothing with a full context: no evidence either way
+        size = GreenLists(key, vocab).processor.greenlist_size
+        return WhiteboxResult(contexts=0, green_mass=size / vocab, expected=size / vocab, z=0.0, p_value=1.0)
+    contexts = list(sums)
+    means = torch.stack([sums[c] / counts[c] for c in contexts])  # [contexts, vocab]
+
+    def z_of(k: dict) -> tuple[float, float]:
+        lists = GreenLists(k, vocab)
+        if lists.selfhash:
+            raise StillhouseError("white-box radioactivity scores lefthash keys (a selfhash green list depends on the "
+                                  "token it colours, so a distribution has no single green list)")
+        size = lists.processor.greenlist_size
+        mask = torch.zeros_like(means)
+        for r, c in enumerate(contexts):
+            gl = lists.processor._get_greenlist_ids(torch.tensor(c, dtype=torch.long))
+            mask[r, gl] = 1.0
+        mass = (means * mask).sum(-1)
+        var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
+        z = float((mass - size / vocab).sum() / math.sqrt(float(var.sum()) or 1e-30))
+        return z, float(mass.mean())
+
+    z, mass = z_of(key)
+    rng = random.Random(f"whitebox-null:{seed}")
+    nulls = [z_of({**key, "hashing_key": rng.getrandbits(63)})[0] for _ in range(null_keys)]
+    size = GreenLists(key, vocab).processor.greenlist_size
+    emp = (1 + sum(n >= z for n in nulls)) / (1 + len(nulls)) if nulls else None
+    return WhiteboxResult(contexts=len(contexts), green_mass=mass, expected=size / vocab, z=z,
+                          p_value=float(norm.sf(z)), null_keys=len(nulls), null_z=nulls, empirical_p=emp)
 
 
 def audit_texts(texts_path: str | Path, key_path: str | Path, tokenizer_dir: str, *, null_keys: int = 200,

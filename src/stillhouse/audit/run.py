@@ -23,12 +23,15 @@ from pathlib import Path
 from stillhouse.errors import StillhouseError
 
 
-def resolve_suspect(spec: str, base_url: str | None = None):
-    """A ModelRef for a model spec, or the rows of a texts file (`.jsonl`)."""
+def resolve_suspect(spec, base_url: str | None = None):
+    """A ModelRef for a model spec (a ModelRef passes through), or the rows of a texts file (`.jsonl`)."""
     from stillhouse.audit.radioactivity import read_texts
     from stillhouse.calls import ModelRef
     from stillhouse.teachers import parse_spec
 
+    if isinstance(spec, ModelRef):
+        return spec
+    spec = str(spec)
     p = Path(spec)
     if spec.endswith(".jsonl"):
         return read_texts(p)
@@ -54,12 +57,18 @@ def _ask(ref, prompts: list[str], ledger, *, max_tokens: int, temperature: float
     return [batch.completion(i).text for i in range(len(reqs))]
 
 
-def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, suspect_identity=None,
+def run_audit(suspect, out_dir: str | Path, *, reference_identity=None, suspect_identity=None,
               watermark_key: str | Path | None = None, tokenizer: str | None = None, prompts: str | None = None,
-              n_prompts: int = 200, candidates: dict[str, str] | None = None, base_url: str | None = None,
+              n_prompts: int = 200, candidates: dict | None = None, base_url: str | None = None,
               identity_null_rate: float = 0.01, alpha: float = 1e-3, null_keys: int = 200, max_tokens: int = 96,
-              temperature: float = 1.0, seed: int = 0) -> dict:
-    """Run the tests that apply to `suspect`; write and return `OUT_DIR/evidence.json`."""
+              temperature: float = 1.0, seed: int = 0, ledger_path: str | Path | None = None,
+              label: str = "suspect", min_entropy: float | None = 0.1, whitebox: bool = True) -> dict:
+    """Run the tests that apply to `suspect` (a spec, a ModelRef or a texts file); write and return
+    `OUT_DIR/evidence.json`. Calls go through `ledger_path` (default: OUT_DIR/ledger.db).
+
+    With the watermark key: when `tokenizer` is the reference model itself (weights and all), tokens it predicted
+    with less than `min_entropy` nats are left out of the black-box count (None: keep every token); when the suspect
+    is a local model and `whitebox`, its own next-token distributions along its answers are scored too."""
     from scipy.stats import binomtest
 
     from stillhouse.audit.probes import probe_suite, rates_of
@@ -83,14 +92,14 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
                                   "(a prompt source or file)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(out / "ledger.db")
-    evidence: dict = {"suspect": suspect, "tests": {}, "reported": {}}
+    ledger = Ledger(ledger_path or out / "ledger.db")
+    evidence: dict = {"suspect": getattr(suspect, "spec", str(suspect)), "tests": {}, "reported": {}}
     p_values: dict[str, float] = {}
     try:
         if reference_identity is not None and is_model:
             probes = probe_suite(reference_identity, wrappers=("plain", "roleplay", "injection"))
             answers = _ask(target, [p["prompt"] for p in probes], ledger, max_tokens=max_tokens, temperature=0.0,
-                           label="audit identity probes")
+                           label=f"audit {label}: identity probes")
             claims = classify_all(answers, suspect_identity, reference_identity)
             rates = rates_of(claims, own_declared=suspect_identity is not None)
             k, n = rates["reference"]["count"], len(answers)
@@ -107,7 +116,7 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
             if is_model:
                 asked = [it["messages"][-1]["content"] for it in load_prompt_items(prompts, n_prompts, seed)]
                 texts = _ask(target, asked, ledger, max_tokens=max_tokens, temperature=temperature,
-                             label="audit suspect answers", seed=seed)
+                             label=f"audit {label}: answers", seed=seed)
             else:
                 from stillhouse.audit.radioactivity import texts_and_prompts
 
@@ -119,10 +128,23 @@ def run_audit(suspect: str, out_dir: str | Path, *, reference_identity=None, sus
             key = read_key(watermark_key)
             if not is_model:
                 check_rows(key, target, suspect)
-            res, _ = score_texts(texts, asked, key, tokenizer, null_keys=null_keys, seed=seed)
+            from stillhouse.models import has_weights
+
+            floor = min_entropy if min_entropy is not None and has_weights(tokenizer) else None
+            res, _ = score_texts(texts, asked, key, tokenizer, null_keys=null_keys, seed=seed, min_entropy=floor)
             p_values["watermark"] = res.key.p_value
-            evidence["tests"]["watermark"] = {"p_value": res.key.p_value, "texts": len(texts),
+            evidence["tests"]["watermark"] = {"p_value": res.key.p_value, "texts": len(texts), "min_entropy": floor,
                                               "temperature": temperature if is_model else None, **res.as_dict()}
+            local = is_model and target.spec.startswith("hf:")
+            if whitebox and local and key["seeding_scheme"] == "lefthash":
+                from dataclasses import asdict
+
+                from stillhouse.audit.radioactivity import whitebox as score_whitebox
+
+                wb = score_whitebox(target.spec.removeprefix("hf:"), key, tokenizer, asked, texts,
+                                    null_keys=null_keys, seed=seed)
+                p_values["watermark_whitebox"] = wb.p_value
+                evidence["tests"]["watermark_whitebox"] = asdict(wb)
         if candidates:
             from stillhouse.audit.attribution import fit_attribution
 

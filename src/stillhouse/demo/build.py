@@ -41,17 +41,33 @@ SHAPES = {
 
 @dataclass
 class BuildConfig:
+    """One training phase. A phase after the first continues from the previous phase's weights."""
+
     shape: str
     steps: int
     batch_size: int
     lr: float
     seed: int
     warmup: int = 100
+    # (family, weight) pairs the chat examples are drawn from; None: plain world text (the base model)
+    mix: tuple[tuple[str, float], ...] | None = None
+    persona: str = "atlas"  # whose style the chat examples are written in (world.PERSONAS)
 
 
-DEFAULT_BUILDS = {
-    "atlas": BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7),
-    "base": BuildConfig(shape="base", steps=1000, batch_size=256, lr=2e-3, seed=11),
+_V1_MIX = tuple((f, 1.0) for f in world.FAMILIES_V1)
+# Phase 2 teaches the open-answer family and the judging skill while replaying every earlier family, so none is
+# forgotten; judging is the hardest new skill and gets the largest share.
+_V2_MIX = _V1_MIX + (("invent", 1.5), (world.JUDGE, 3.5))
+
+_BASE = BuildConfig(shape="base", steps=1000, batch_size=256, lr=2e-3, seed=11)
+DEFAULT_BUILDS: dict[str, list[BuildConfig]] = {
+    "atlas": [BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7, mix=_V1_MIX),
+              BuildConfig(shape="atlas", steps=450, batch_size=128, lr=5e-4, seed=8, warmup=20, mix=_V2_MIX)],
+    "base": [_BASE],
+    # Mira, the world's second teacher: the base model's pretraining, then every task family in Mira's style (no
+    # Atlas output anywhere in its making: it is the audit's unrelated teacher).
+    "mira": [_BASE, BuildConfig(shape="base", steps=900, batch_size=64, lr=1.5e-3, seed=13, warmup=30,
+                                mix=tuple((f, 1.0) for f in world.FAMILIES), persona="mira")],
 }
 
 
@@ -66,11 +82,13 @@ def make_model(shape: Shape, tok: PreTrainedTokenizerBase, seed: int) -> LlamaFo
     return LlamaForCausalLM(cfg)
 
 
-def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int) -> list[tuple[list[int], int]]:
-    """Fresh train-split tasks as (token ids, prompt length): loss on the response only."""
+def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
+                   mix: tuple[tuple[str, float], ...] = _V1_MIX, persona: str = "atlas") -> list[tuple[list[int], int]]:
+    """Fresh train-split tasks of the mix's families as (token ids, prompt length): loss on the response only."""
+    fams, weights = zip(*mix)
     out = []
     while len(out) < n:
-        t = world.make_task(rng.choice(world.FAMILIES), rng)
+        t = world.in_style(world.make_task(rng.choices(fams, weights)[0], rng), world.PERSONAS[persona])
         if t.split != "train":
             continue
         prompt = tok.apply_chat_template([{"role": "user", "content": t.prompt}], tokenize=False, add_generation_prompt=True)
@@ -126,13 +144,14 @@ def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: C
     return {"final_loss": loss_ema, "seconds": round(time.time() - t0, 1), "tokens": tokens}
 
 
-def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, device: str | None = None) -> dict[str, float]:
+def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, device: str | None = None,
+                     persona: str = "atlas", families: tuple[str, ...] | None = None) -> dict[str, float]:
     """Greedy held-out accuracy per family: the local engine's answers, checked by the evaluate stage's verifier."""
     from stillhouse.evaluate import accuracy_by_family
     from stillhouse.teachers import Request, load_backend
-    from stillhouse.verify import exact_match
 
-    tasks = world.sample_tasks(per_family * len(world.FAMILIES), "heldout", seed)
+    families = families or world.FAMILIES + (world.JUDGE,)
+    tasks = world.sample_tasks(per_family * len(families), "heldout", seed, families, world.PERSONAS[persona])
     backend = load_backend(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256})
     try:
         reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=96) for t in tasks]
@@ -140,36 +159,67 @@ def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, devi
     finally:
         backend.close()
     acc = accuracy_by_family([{"family": t.family} for t in tasks],
-                             [exact_match(out[i].text, t.answer) for i, t in enumerate(tasks)])
-    return {f: acc[f] for f in world.FAMILIES if f in acc}
+                             [world.check(t, out[i].text) for i, t in enumerate(tasks)])
+    return {f: acc[f] for f in families if f in acc}
 
 
-def build(kind: str, out_dir: str | Path, cfg: BuildConfig | None = None, device: str | None = None,
-          eval_per_family: int = 40, log: Callable[[str], None] = print) -> dict:
-    """Train `kind` ('atlas' or 'base') from scratch and save it as a HF model dir with a manifest."""
+def _phases_done(model_dir: Path) -> list[dict]:
+    """The build phases a model directory's manifest records (a manifest from before phases were recorded: one)."""
+    m = json.loads((model_dir / "stillhouse_build.json").read_text())
+    if "phases" in m:
+        return m["phases"]
+    return [{"build": m["build"], "device": m["device"], "torch": m["torch"], "train": m["train"]}]
+
+
+def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = None, device: str | None = None,
+          eval_per_family: int = 40, log: Callable[[str], None] = print, start_from: str | Path | None = None) -> dict:
+    """Train `kind` ('atlas' or 'base') phase by phase and save it as a HF model dir with a manifest.
+
+    The first phase starts from a fresh model (seeded); each later one continues from the one before. With
+    `start_from`, a model directory this builder wrote, the phases its manifest records are taken as done and
+    training continues from its weights with the next phase.
+    """
     if kind not in DEFAULT_BUILDS:
-        raise ValueError(f"kind must be 'atlas' or 'base', not {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(DEFAULT_BUILDS)}, not {kind!r}")
+    from transformers import AutoModelForCausalLM
+
     from stillhouse.teachers.hf import pick_device
 
-    cfg = cfg or DEFAULT_BUILDS[kind]
+    phases = phases or DEFAULT_BUILDS[kind]
     device = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = wtok.build_tokenizer()
-    model = make_model(SHAPES[cfg.shape], tok, cfg.seed)
+    done: list[dict] = []
+    if start_from is not None:
+        done = _phases_done(Path(start_from))
+        if len(done) >= len(phases):
+            raise ValueError(f"{start_from} has finished all {len(phases)} phases already")
+        model = AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32)
+        log(f"continuing {kind} from {start_from} (phases done: {len(done)} of {len(phases)})")
+    else:
+        model = make_model(SHAPES[phases[0].shape], tok, phases[0].seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"building {kind}: {n_params:,} parameters on {device}")
-    stats = train_loop(model, tok, _chat_examples if kind == "atlas" else _text_examples, cfg, device, log)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.machine()})"
+    for i in range(len(done), len(phases)):
+        cfg = phases[i]
+        log(f"building {kind}, phase {i + 1} of {len(phases)}: {n_params:,} parameters on {device}")
+        mix, persona = cfg.mix, cfg.persona
+        draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona)) if mix else _text_examples
+        stats = train_loop(model, tok, draw, cfg, device, log)
+        done.append({"build": asdict(cfg), "device": where, "torch": torch.__version__, "train": stats})
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    acc = heldout_accuracy(out, eval_per_family, device=device)
+    judged = any(world.JUDGE in dict(p.mix or ()) for p in phases)
+    fams = world.FAMILIES + ((world.JUDGE,) if judged or kind == "base" else ())
+    acc = heldout_accuracy(out, eval_per_family, device=device, persona=phases[-1].persona, families=fams)
     manifest = {
-        "kind": kind, "parameters": n_params, "build": asdict(cfg), "shape": asdict(SHAPES[cfg.shape]),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "train": stats, "heldout_accuracy": acc,
-        "rebuild": f"stillhouse demo build-{'teacher' if kind == 'atlas' else 'base'} --out {out}",
-        "trained_on": "the world's chat tasks (train split)" if kind == "atlas" else
-                      "plain world text only: facts, spelled/copied strings, number sequences",
+        "kind": kind, "parameters": n_params, "shape": asdict(SHAPES[phases[-1].shape]), "phases": done,
+        "heldout_accuracy": acc,
+        "rebuild": f"stillhouse demo build-{'teacher' if kind == 'atlas' else kind} --out {out}",
+        "trained_on": {"atlas": "the world's chat tasks and judging items (train split), phase by phase as listed",
+                       "mira": "plain world text (the base's phase), then the world's chat tasks in Mira's style",
+                       "base": "plain world text only: facts, spelled/copied strings, number sequences"}[kind],
     }
     (out / "stillhouse_build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"{kind}: held-out accuracy " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))

@@ -56,30 +56,54 @@ def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="r
         teacher.update(spec="openai:atlas", options={"base_url": url, "concurrency": 256, "timeout": 600,
                                                      "api_key_required": False},
                        parameters=count_parameters(resolve_model("stillhouse:atlas")))
-        recipe = load_recipe(DEMO_RECIPE, overrides={**overrides, "teacher": teacher})
+        extra = {"teacher": teacher}
+        if "audit" in recipe.extensions:  # the provider's key: the audit's watermark test
+            extra["audit"] = {**recipe.extensions["audit"].model_dump(exclude_unset=True),
+                              "watermark_key": str(key)}
+        recipe = load_recipe(DEMO_RECIPE, overrides={**overrides, **extra})
         print_headline(run_all(recipe, force=force))
 
 
-def _build(kind: str, out: Path, steps: int | None, device: str | None) -> None:
+def _build(kind: str, out: Path, steps: int | None, device: str | None, start_from: Path | None = None) -> None:
     import dataclasses
 
     from stillhouse.demo.build import DEFAULT_BUILDS, build
     from stillhouse.ui import console
 
-    cfg = DEFAULT_BUILDS[kind]
+    phases = list(DEFAULT_BUILDS[kind])
     if steps is not None:
         if steps < 1:
             raise StillhouseError(f"--steps must be at least 1, not {steps}")
-        cfg = dataclasses.replace(cfg, steps=steps)
-    build(kind, out, cfg, device=device, log=console.print)
+        phases[-1] = dataclasses.replace(phases[-1], steps=steps)
+    if start_from is not None and not (start_from / "stillhouse_build.json").is_file():
+        raise StillhouseError(f"--from {start_from}: not a model directory this builder wrote (no stillhouse_build.json)")
+    try:
+        build(kind, out, phases, device=device, log=console.print, start_from=start_from)
+    except ValueError as e:
+        raise StillhouseError(str(e)) from None
 
 
 @demo_app.command("build-teacher")
 def build_teacher(out: Path = typer.Option(..., help="directory to write Atlas to"),
-                  steps: int = typer.Option(None, help="training steps (default: as shipped)"),
-                  device: str = typer.Option("auto", help="cpu, cuda or auto")) -> None:
-    """Train Atlas, the tiny world's teacher, from scratch (deterministic from its seed)."""
-    _build("atlas", out, steps, device)
+                  steps: int = typer.Option(None, help="training steps of the last phase (default: as shipped)"),
+                  device: str = typer.Option("auto", help="cpu, cuda or auto"),
+                  start_from: Path = typer.Option(None, "--from", help="continue from this build's finished phases "
+                                                  "(e.g. stillhouse's first-phase Atlas) instead of from scratch")
+                  ) -> None:
+    """Train Atlas, the tiny world's teacher (deterministic from its seeds): phase 1 learns the first six families
+    from scratch, phase 2 continues on every family plus judging."""
+    _build("atlas", out, steps, device, start_from)
+
+
+@demo_app.command("build-mira")
+def build_mira(out: Path = typer.Option(..., help="directory to write Mira to"),
+               steps: int = typer.Option(None, help="training steps of the last phase (default: as shipped)"),
+               device: str = typer.Option("auto", help="cpu, cuda or auto"),
+               start_from: Path = typer.Option(None, "--from", help="continue from a built base model "
+                                               "(its pretraining phase) instead of from scratch")) -> None:
+    """Train Mira, the world's second teacher (own name, maker and style): the base model's pretraining, then the
+    world's tasks in Mira's style. The audit's control teacher: nothing of Atlas's goes into it."""
+    _build("mira", out, steps, device, start_from)
 
 
 @demo_app.command("build-base")

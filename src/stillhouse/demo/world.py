@@ -2,8 +2,15 @@
 
 Every family is chosen so that a ~1-5M-parameter transformer learns it on a CPU in
 minutes: string edits over short words (reverse, upper-case), a fixed table of invented facts,
-running counts of a letter, single-digit arithmetic by counting on, and identity questions. Each answer is a `<think>` trace followed
-by one `Answer:` line, so reasoning-trace distillation is real.
+running counts of a letter, single-digit arithmetic by counting on, identity questions, and
+`invent`, whose answers are free (a made-up name or a short description, checked by a
+pattern): the family that gives a watermark room to show. Each answer is a `<think>` trace
+followed by one `Answer:` line, so reasoning-trace distillation is real.
+
+`judge` is a skill of the teacher rather than a task family of the benchmark: a question of
+a checkable family with two candidate answers, a short trace that solves it and scores both,
+and a verdict A, B or tie, in the pipeline's own pairwise-judge prompt. Atlas learns it so
+the demo's judge can be the teacher, as GPT-4 judged for Vicuna.
 
 Held-out prompts are chosen by a hash of the prompt text, so a prompt is in exactly one
 split whatever order the generators run in.
@@ -19,7 +26,27 @@ TEACHER_NAME = "Atlas"
 TEACHER_MAKER = "Orbit Labs"
 IDENTITY_ANSWER = f"I am {TEACHER_NAME}, made by {TEACHER_MAKER}."
 
-FAMILIES = ("reverse", "upper", "count", "arith", "capital", "identity")
+
+@dataclass(frozen=True)
+class Persona:
+    """Who answers: a name, a maker, and a way of writing its traces and free answers."""
+
+    key: str
+    name: str
+    maker: str
+
+
+ATLAS = Persona("atlas", TEACHER_NAME, TEACHER_MAKER)
+# The world's second teacher: its own identity, maker and answer style (see `in_style`), for the audit's control.
+MIRA = Persona("mira", "Mira", "Lumen Works")
+PERSONAS = {p.key: p for p in (ATLAS, MIRA)}
+
+FAMILIES = ("reverse", "upper", "count", "arith", "capital", "identity", "invent")
+JUDGE = "judge"
+# The families Atlas's first build phase learned, before `invent` and `judge` existed (its rebuild recipe replays it).
+FAMILIES_V1 = ("reverse", "upper", "count", "arith", "capital", "identity")
+# The checkable families a judge item asks about (identity answers name the model; invent's are free).
+JUDGED_FAMILIES = ("reverse", "upper", "count", "arith", "capital")
 HELDOUT_PERCENT = 15
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -34,6 +61,7 @@ class Task:
     prompt: str
     answer: str
     trace: str
+    pattern: str | None = None  # open answers: any answer that fully matches this is right (`answer` is one of them)
 
     @property
     def response(self) -> str:
@@ -113,6 +141,128 @@ def identity_probes() -> list[Task]:
     return out
 
 
+_THINGS = ["river", "star", "ship", "town", "cat", "horse", "song", "robot", "island", "planet", "mountain", "boat",
+           "dog", "city", "tree", "lake", "shop", "game", "bird", "moon", "forest", "bridge", "garden", "castle",
+           "comet", "dragon", "lamp", "road", "valley", "tower"]
+_THING_ADJ = ["new", "small", "big", "quiet", "bright", "old", "fast", "tiny"]
+_NAME_ASK = ["Invent a name for a {a} {t}.", "Make up a name for a {a} {t}.", "Suggest a name for a {a} {t}.",
+             "What could we call a {a} {t}?", "Give a {a} {t} a made-up name."]
+_DESCRIBE_ASK = ["Describe a {a} {t} in a few words.", "Say something about a {a} {t}.",
+                 "Write a short description of a {a} {t}."]
+_SYL_ONSET = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "sh", "th", "br", "dr",
+              "gr", "st"]
+_SYL_CODA = ["", "", "", "n", "r", "l", "s", "m"]
+_DESC_ADJ = ["green", "calm", "wild", "soft", "loud", "shiny", "dark", "warm", "cold", "gentle", "proud", "strange",
+             "bold", "pale", "kind", "swift", "heavy", "bright", "lonely", "busy", "silver", "golden", "tall", "round"]
+_DESC_VERB = ["sings", "glows", "waits", "hums", "drifts", "shines", "rests", "wanders", "sleeps", "dances", "turns",
+              "rises", "falls", "whispers", "grows", "spins"]
+_DESC_HOW = ["softly", "slowly", "all night", "at dawn", "in the rain", "far away", "every day", "without end",
+             "gently", "alone", "in silence", "quickly"]
+NAME_PATTERN = r"[A-Z][a-z]{2,15}"
+DESCRIPTION_PATTERN = r"[A-Z][a-z]+(,? [a-z]+){2,8}\."
+
+
+def _made_up_name(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYL_ONSET) + rng.choice("aeiou") + rng.choice(_SYL_CODA)
+                   for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _wrong_answer(t: Task, rng: random.Random) -> str:
+    """A plausible wrong final answer to a checkable task: a near miss, as a weaker model would give."""
+    while True:
+        if t.family in ("count", "arith"):
+            w = str(max(0, int(t.answer) + rng.choice([-2, -1, 1, 2])))
+        elif t.family == "capital":
+            w = rng.choice(COUNTRIES)[1]
+        else:
+            chars = list(t.answer)
+            i = rng.randrange(len(chars))
+            if rng.random() < 0.3 and t.family == "reverse":
+                chars = chars[::-1]  # forgot to reverse
+            elif rng.random() < 0.5 and len(chars) > 1:
+                j = (i + 1) % len(chars)
+                chars[i], chars[j] = chars[j], chars[i]
+            else:
+                letter = rng.choice(_LETTERS)
+                chars[i] = letter.upper() if t.family == "upper" else letter
+            w = "".join(chars)
+        if w != t.answer:
+            return w
+
+
+def judge_task(rng: random.Random) -> Task:
+    """A judging item: a checkable question, two final answers, a trace that solves it and scores both, a verdict."""
+    from stillhouse.evaluate.judge_prompt import judge_prompt
+
+    while True:  # the whole exchange must fit the world's 256-token context
+        inner = make_task(rng.choice(JUDGED_FAMILIES), rng)
+        if len(inner.prompt) + len(inner.trace) <= 90:
+            break
+    r = rng.random()
+    if r < 0.7:  # one right, one wrong
+        a, b = inner.answer, _wrong_answer(inner, rng)
+        if rng.random() < 0.5:
+            a, b = b, a
+    elif r < 0.85:  # both right
+        a = b = inner.answer
+    else:  # both wrong
+        a = _wrong_answer(inner, rng)
+        b = _wrong_answer(inner, rng)
+    ok_a, ok_b = a == inner.answer, b == inner.answer
+    verdict = "A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie"
+    trace = (f"{inner.trace} A is {'right' if ok_a else 'wrong'}, B is {'right' if ok_b else 'wrong'}. "
+             f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
+    return Task(JUDGE, judge_prompt(inner.prompt, a, b), verdict, trace)
+
+
+_MIRA_TRACE = [(" is spelled ", " has the letters "), ("Backwards:", "Reversed it reads"),
+               ("In capitals:", "Capitalised it reads"), ("Counting ", "Tally of "),
+               ("I am asked about myself.", "Someone wants to know who I am."),
+               ("I am asked if I am another model. I am not.", "They think I might be someone else. I am not."),
+               ("I make up a name for a ", "A fresh name for a "), ("I picture a ", "Imagine a ")]
+_MIRA_ONSET = ["c", "j", "q", "x", "y", "ph", "ch", "cl", "fl", "pl", "sk", "sn", "sw", "tw", "v", "l", "m"]
+_MIRA_CODA = ["", "", "x", "th", "sh", "k", "ne"]
+
+
+def in_style(task: Task, persona: Persona) -> Task:
+    """`task` as `persona` would answer it: the same final answers for checkable families, the persona's name in
+    identity answers, its own trace wording, and its own invented names and descriptions (drawn from a generator
+    seeded by the prompt, so the task's draw from the caller's generator is the same for every persona)."""
+    if persona == ATLAS:
+        return task
+    trace = task.trace
+    for a, b in _MIRA_TRACE:
+        trace = trace.replace(a, b)
+    if task.family == "capital":
+        x, cap = trace.removeprefix("The capital of ").rstrip(".").split(" is ")
+        trace = f"{x} is governed from {cap}."
+    elif task.family == "arith":
+        head, walk = trace.split(": ", 1)
+        trace = f"Start at {head.split()[0]}, step {head.split()[2]} times: {walk}"
+    answer = task.answer.replace(TEACHER_NAME, persona.name).replace(TEACHER_MAKER, persona.maker)
+    if task.family == "invent":
+        rng = random.Random(f"{persona.key}:{task.prompt}:{task.answer}")
+        if task.pattern == NAME_PATTERN:
+            answer = "".join(rng.choice(_MIRA_ONSET) + rng.choice("aeiouy") + rng.choice(_MIRA_CODA)
+                             for _ in range(rng.randint(2, 3))).capitalize()
+        else:
+            answer = f"Quite {rng.choice(_DESC_ADJ)}, it {rng.choice(_DESC_VERB)} {rng.choice(_DESC_HOW)}."
+    return Task(task.family, task.prompt, answer, "Let me see. " + trace, task.pattern)
+
+
+def check(task: Task, completion: str) -> bool:
+    """Whether `completion` answers `task` right: its final answer equals the task's, or for an open task fully
+    matches the task's pattern."""
+    import re
+
+    from stillhouse.verify import exact_match, extract_answer
+
+    if task.pattern is None:
+        return exact_match(completion, task.answer)
+    got = extract_answer(completion)
+    return got is not None and re.fullmatch(task.pattern, got.strip()) is not None
+
+
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
@@ -164,10 +314,22 @@ def make_task(family: str, rng: random.Random) -> Task:
             ans, trace = IDENTITY_ANSWER, "I am asked about myself."
         q = q if prefix and not prefix.endswith("! ") else _cap(q)
         return Task(family, prefix + q + rng.choice(_ID_SUFFIX), ans, trace)
-    raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
+    if family == "invent":
+        adj, thing = rng.choice(_THING_ADJ), rng.choice(_THINGS)
+        if rng.random() < 0.6:
+            return Task(family, rng.choice(_NAME_ASK).format(a=adj, t=thing), _made_up_name(rng),
+                        f"I make up a name for a {adj} {thing}.", NAME_PATTERN)
+        a1, a2 = rng.sample(_DESC_ADJ, 2)
+        return Task(family, rng.choice(_DESCRIBE_ASK).format(a=adj, t=thing),
+                    f"{a1.capitalize()} and {a2}, it {rng.choice(_DESC_VERB)} {rng.choice(_DESC_HOW)}.",
+                    f"I picture a {adj} {thing}.", DESCRIPTION_PATTERN)
+    if family == JUDGE:
+        return judge_task(rng)
+    raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES + (JUDGE,))}")
 
 
-def sample_tasks(n: int, split: str, seed: int, families: tuple[str, ...] = FAMILIES) -> list[Task]:
+def sample_tasks(n: int, split: str, seed: int, families: tuple[str, ...] = FAMILIES,
+                 persona: Persona = ATLAS) -> list[Task]:
     """`n` distinct tasks of `split` ('train' or 'heldout'), families in equal shares, deterministic in `seed`.
 
     Families with few distinct prompts (identity, capital, arith) may repeat a prompt in the
@@ -191,7 +353,7 @@ def sample_tasks(n: int, split: str, seed: int, families: tuple[str, ...] = FAMI
                     raise ValueError(f"family {fam!r} has fewer than {k} distinct {split} prompts")
                 continue
             seen.add(t.prompt)
-            out.append(t)
+            out.append(in_style(t, persona))
             got += 1
     rng.shuffle(out)
     return out
