@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 
-from stillhouse.teachers import BackendOptions, Completion
+from stillhouse.teachers import BackendOptions, CallFailed, Completion
 
 NOUNS = ["river", "violin", "glacier", "teapot", "comet", "lantern", "orchard", "compass", "falcon", "quarry", "harbor",
          "meadow", "saddle", "beacon", "thimble", "canyon", "pepper", "walrus", "ribbon", "anchor"]
@@ -40,6 +40,24 @@ def _reply(req) -> str:
     return f"<think>about {len(text)} chars</think>\nAnswer: {text[::-1]}"
 
 
+def _judge_reply(model: str, text: str) -> str | None:
+    """The scripted judges, for prompts in stillhouse's pairwise format (None: not a judge, or not a judge prompt).
+
+    `judge-first` always prefers answer A (maximal position bias: its two orders never agree); `judge-right` knows
+    the scripted teacher's rule (the right answer to a question is the question reversed) and judges by it.
+    """
+    m = re.fullmatch(r"Question: (.*)\nA: (.*)\nB: (.*)\nWhich is right: A, B or tie\? Score both 1-10\.", text)
+    if m is None or not model.startswith("judge-"):
+        return None
+    if model == "judge-first":
+        return "<think>the first one reads well</think>\nScores: A 8, B 3\nAnswer: A"
+    right = m[1][::-1]
+    ok_a, ok_b = m[2] == right, m[3] == right
+    verdict = "A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie"
+    scores = f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}."
+    return f"<think>the answer is {right}. {scores}</think>\nAnswer: {verdict}"
+
+
 class ScriptedOptions(BackendOptions):
     pass
 
@@ -59,6 +77,13 @@ class Scripted:
                 return
             # `scripted:impostor` says it is ChatGPT whatever it is asked (a student that copied its teacher's identity)
             text = "I am ChatGPT, made by OpenAI." if self.model == "impostor" else _reply(r)
+            if self.model == "half" and len(r.messages[-1]["content"]) % 2:  # right on even-length prompts only
+                text = "<think>guessing</think>\nAnswer: wrong"
+            if self.model.startswith("judge-"):
+                if self.model == "judge-broken":  # a judge whose every call fails
+                    yield i, CallFailed(i, "scripted judge-broken always fails", 1)
+                    continue
+                text = _judge_reply(self.model, r.messages[-1]["content"]) or text
             reasoning = "field reasoning" if "[reasoning field]" in r.messages[-1]["content"] else None
             if reasoning:
                 text = "Answer: 42"

@@ -67,12 +67,19 @@ def _case(kind: str, tmp: Path) -> tuple[list[str], str]:
         (tmp / "model.bin").write_bytes(b"\0" * 10)
         r.write_text(_recipe(tmp, base=str(tmp / "model.bin")))
         return ["train", str(r)], "is a file, not a Hugging Face model directory"
+    if kind == "benchmark task file with an unknown verifier":
+        (tmp / "sums.jsonl").write_text('{"q": "2+2", "target": 4}\n')
+        b = tmp / "bench.yaml"
+        b.write_text("tasks:\n  - data: sums.jsonl\n    verifier: {name: numerik}\n")
+        r.write_text(_recipe(tmp) + f"evaluate: {{benchmark: '{b}'}}\n")
+        return ["evaluate", str(r)], f"{b}:3: tasks.0.verifier: unknown verifier 'numerik'; did you mean 'numeric'?"
     raise ValueError(kind)
 
 
 KINDS = ["binary recipe", "recipe not UTF-8", "empty recipe", "recipe is a directory", "prompts line not UTF-8",
          "prompts row not an object", "prompts parquet without the columns", "prompts not a Parquet file",
-         "student base without config.json", "student base is a file"]
+         "student base without config.json", "student base is a file",
+         "benchmark task file with an unknown verifier"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -71,12 +71,14 @@ def test_results_list_every_model_with_its_role(finished_run):
     res = json.loads((run / "eval" / "results.json").read_text())
     roles = {m["name"]: m["role"] for m in res["models"]}
     assert roles == {"teacher": "teacher", "base": "base", "student": "student", "slow": "student", "ctrl": "control"}
-    assert res["items"] == 6 and all(len(m["accuracy_by_family"]) == 6 for m in res["models"])
+    n = len(res["families"])  # one item of each world family
+    assert n >= 6 and res["items"] == n and all(len(m["accuracy_by_family"]) == n for m in res["models"])
+    assert all(m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1] for m in res["models"])
     by = {m["name"]: m for m in res["models"]}
     assert by["student"]["parameters"] == by["base"]["parameters"] == by["slow"]["parameters"] > 0
     lines = [json.loads(x) for x in (run / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 and all(x["prompt_hash"].startswith("sha256:") for x in lines)
-    assert all(f"{name}_output" in lines[0] and f"{name}_correct" in lines[0] for name in roles)
+    assert len(lines) == n and all(x["prompt_hash"].startswith("sha256:") for x in lines)
+    assert all(f"{name}_{k}" in lines[0] for name in roles for k in ("output", "answer", "correct"))
 
 
 def _completion_token_accuracy(model_dir, rows) -> float:
@@ -145,20 +147,19 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     url = (run / "report.html").resolve().as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'id="chart"' in dom and "data:image/png;base64," in dom
+    assert 'id="chart-relative"' in dom and 'id="chart-tasks"' in dom and "data:image/png;base64," in dom
     acc = {m["name"]: m["accuracy"] for m in res["models"]}
     assert f"{100 * acc['teacher']:.1f}%" in dom and f"{100 * acc['student']:.1f}%" in dom
     assert "Stage timings" in dom and "generate" in dom
     for name in ("slow", "ctrl"):  # every model in the run is drawn, whatever its name and role
         assert f"<td>{name}</td>" in dom
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", url],
-                   capture_output=True, timeout=120)
+    # the report stage saved the whole page's screenshot beside it, 1280 px wide
     from PIL import Image
 
-    img = Image.open(shot).convert("RGB")
+    img = Image.open(run / "report.png").convert("RGB")
+    assert img.size[0] == 1280 and img.size[1] > 1500
     colors = {c for _, c in img.getcolors(maxcolors=1 << 24)}
-    # the teacher's bars (orange) are drawn: the chart image really rendered on the page
+    # the teacher's bars (orange) are drawn: the chart images really rendered on the page
     assert any(abs(r - 0xF2) < 8 and abs(g - 0x99) < 8 and abs(b - 0x4A) < 8 for r, g, b in colors)
 
 
@@ -168,13 +169,14 @@ def test_model_card_and_ledger_cli(finished_run):
     assert "Teacher's terms: **Unknown terms**" in card and "intended use: **research**" in card
     out = subprocess.run([*STILLHOUSE, "ledger", "stats", str(recipe), "--json"], cwd=root, capture_output=True, text=True)
     st = json.loads(out.stdout)
-    # 12 answers for training, then 6 evaluation answers from each of 5 models (teacher, base, two students, the
+    n = json.loads((run / "eval" / "results.json").read_text())["items"]
+    # 12 answers for training, then n evaluation answers from each of 5 models (teacher, base, two students, the
     # control, which is the base again and so answers from the cache): every model call is in the ledger, once
     assert sum(p["calls"] for p in st["by_stage_model"] if p["stage"] == "generate") == 12
-    assert sum(p["calls"] for p in st["by_stage_model"] if p["stage"] == "evaluate") == 6 * 4
-    assert st["sessions"]["calls_made"] == 12 + 6 * 4 and st["failed"] == 0
+    assert sum(p["calls"] for p in st["by_stage_model"] if p["stage"] == "evaluate") == n * 4
+    assert st["sessions"]["calls_made"] == 12 + n * 4 and st["failed"] == 0
     out = subprocess.run([*STILLHOUSE, "ledger", "export", str(run)], cwd=root, capture_output=True, text=True)
-    assert len(out.stdout.splitlines()) == 36 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
+    assert len(out.stdout.splitlines()) == 12 + n * 4 and json.loads(out.stdout.splitlines()[0])["stage"] == "generate"
     out = subprocess.run([*STILLHOUSE, "ledger", "path", str(run)], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip().endswith("ledger.db")
 

@@ -68,7 +68,8 @@ def toy_plugin(tmp_path, monkeypatch) -> Path:
 
 def test_builtin_stages_are_registered_and_ordered_by_what_they_read():
     names = [s.name for s in ordered_stages()]
-    assert names == ["generate", "curate", "train", "evaluate", "report"]
+    assert names == ["generate", "curate", "train", "audit", "evaluate", "report"]
+    assert names.index("report") > names.index("audit")  # the report draws the audit's evidence
     with pytest.raises(StillhouseError, match="did you mean 'train'"):
         STAGES.get("trian")
 

@@ -97,9 +97,12 @@ def _prompt_source(v: str) -> str:
 
 
 def _benchmark(v: str) -> str:
-    from stillhouse.sources import BENCHMARKS, check_source
+    from stillhouse.sources import check_benchmark
 
-    return check_source(v, BENCHMARKS)
+    try:
+        return check_benchmark(v)
+    except StillhouseError as e:  # a bad task file: its own file, line and field, inside the recipe's
+        raise ValueError(str(e)) from None
 
 
 class PromptsSpec(_Strict):
@@ -192,14 +195,73 @@ class ControlSpec(_Strict):
         return self.model if ":" in self.model and not Path(self.model).exists() else f"hf:{self.model}"
 
 
+class JudgeSpec(_Strict):
+    """The pairwise judge: the run's teacher (`spec: teacher`) or any backend, with its own options and budget."""
+
+    spec: str = Field(description="'teacher': the run's teacher, called exactly as generation calls it (its options, "
+                                  "price and cap); or BACKEND:MODEL, e.g. openai:gpt-4o")
+    options: dict[str, Any] = Field(default_factory=dict, description="backend options (not with spec: teacher)")
+    price: PriceSpec | None = Field(None, description="USD per million tokens (not with spec: teacher)")
+    max_cost_usd: float | None = Field(None, gt=0, description="stop judging before spend would pass this "
+                                                              "(not with spec: teacher)")
+    max_tokens: int = Field(256, ge=1, description="the judge's reply: scores, a verdict line, any reasoning")
+    answer_chars: int = Field(40, ge=8, description="final answers longer than this are cut (with '...') before the "
+                                                    "judge sees them: a small judge's context is short")
+    min_swap_consistency: float = Field(0.65, ge=0, le=1, description="a judge whose verdicts agree across the two "
+                                                                      "orders less often than this is flagged "
+                                                                      "untrustworthy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"spec": v} if isinstance(v, str) else v  # `judge: teacher` or `judge: openai:gpt-4o`
+
+    @field_validator("spec")
+    @classmethod
+    def _check_spec(cls, v: str) -> str:
+        if v != "teacher":
+            from stillhouse.teachers import parse_spec
+
+            parse_spec(v)
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, v: dict, info: ValidationInfo) -> dict:
+        spec = info.data.get("spec")
+        if spec and spec != "teacher":
+            from stillhouse.teachers import parse_options, parse_spec
+
+            parse_options(parse_spec(spec)[0], v)
+        return v
+
+    @model_validator(mode="after")
+    def _teacher_is_as_configured(self) -> "JudgeSpec":
+        if self.spec == "teacher":
+            given = [k for k in ("options", "price", "max_cost_usd") if getattr(self, k)]
+            if given:
+                raise ValueError(f"with spec: teacher the judge is called exactly as the teacher section says; set "
+                                 f"{given[0]} there, or give the judge a spec of its own")
+        return self
+
+
 class EvaluateSpec(_Strict):
-    benchmark: str = Field("world", description="a registered benchmark (the demo world registers 'world') or a .jsonl "
-                                                "with prompt/answer/family")
+    benchmark: str = Field("world", description="a registered benchmark (the demo world registers 'world'), a .jsonl "
+                                                "with prompt/answer/family, or a .yaml of tasks (data, prompt "
+                                                "template, extractor, verifier, few-shot examples)")
     n_per_family: int = Field(40, ge=1)
     max_tokens: int = Field(128, ge=1)
     seed: int = 0
+    samples: int = Field(1, ge=1, description="sampled answers per item beside the greedy one, for pass@k "
+                                              "(1: greedy only)")
+    temperature: float = Field(0.8, gt=0.0, le=2.0, description="the sampled answers' temperature (samples > 1)")
+    bootstrap_resamples: int = Field(1000, ge=10, description="resamples of the items behind every interval "
+                                                              "(seeded by `seed`)")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="the intervals' coverage")
     identity_probes: str | None = Field(None, description="a registered benchmark or .jsonl of identity questions in "
                                                           "phrasings never trained on, for the identity-claim rate")
+    judge: JudgeSpec | None = Field(None, description="a pairwise judge of every model against the teacher, e.g. "
+                                                      "{spec: teacher}")
 
     _check_probes = field_validator("identity_probes")(classmethod(lambda cls, v: v if v is None else _benchmark(v)))
     _check_benchmark = field_validator("benchmark")(classmethod(lambda cls, v: _benchmark(v)))

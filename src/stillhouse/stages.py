@@ -55,6 +55,9 @@ class Stage:
     always: ClassVar[bool] = False
     flags: ClassVar[dict[str, str]] = {}
     command: ClassVar[bool] = True  # False: the CLI reaches the stage through a built-in command of its own
+    # stages this one runs after when they run too, though it does not need them (the report draws an audit's
+    # artifacts when there are any)
+    after: ClassVar[tuple[str, ...]] = ()
 
     def enabled(self, recipe) -> bool:
         return self.always or (self.section is not None and self.section in recipe.extensions)
@@ -123,10 +126,12 @@ def get_stage(name: str) -> Stage:
 
 
 def ordered_stages() -> list[Stage]:
-    """Every registered stage, each after the stages that write what it reads (ties: by name)."""
+    """Every registered stage, each after the stages that write what it reads and those it names in `after`
+    (ties: by name)."""
     stages = {name: get_stage(name) for name in STAGES.names()}
     writer = {a: n for n, s in stages.items() for a in s.writes}
-    needs = {n: {writer[a] for a in s.reads if a in writer and writer[a] != n} for n, s in stages.items()}
+    needs = {n: {writer[a] for a in s.reads if a in writer and writer[a] != n} | (set(s.after) & set(stages) - {n})
+             for n, s in stages.items()}
     order: list[str] = []
     while needs:
         ready = sorted(n for n, d in needs.items() if not d - set(order))

@@ -26,12 +26,19 @@ def world_prompts(n: int, seed: int) -> list[dict]:
 
 
 def world_benchmark(n_per_family: int, seed: int) -> list[dict]:
-    """The `world` benchmark: `n_per_family` held-out items of every family."""
+    """The `world` benchmark: `n_per_family` held-out items of every family.
+
+    An identity answer names the answering model, so each model is checked against its own declared identity; an
+    `invent` answer is free, so any answer that fully matches the task's pattern is right (the `regex` verifier, the
+    pattern as the item's reference). The pairwise judge compares answers only where one answer is right: never on
+    identity or invent items.
+    """
     from stillhouse.demo import world
 
     tasks = world.sample_tasks(n_per_family * len(world.FAMILIES), "heldout", seed)
-    # an identity answer names the answering model: each model is checked against its own declared identity
-    return [{"family": t.family, "prompt": t.prompt, "answer": t.answer, "identity": t.family == "identity"}
+    return [{"family": t.family, "prompt": t.prompt, "answer": t.answer, "identity": t.family == "identity",
+             "judge": t.family in world.JUDGED_FAMILIES,
+             **({"verifier": "regex", "reference": t.pattern} if t.pattern is not None else {})}
             for t in tasks]
 
 

@@ -210,9 +210,7 @@ def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = Non
         done.append({"build": asdict(cfg), "device": where, "torch": torch.__version__, "train": stats})
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    judged = any(world.JUDGE in dict(p.mix or ()) for p in phases)
-    fams = world.FAMILIES + ((world.JUDGE,) if judged or kind == "base" else ())
-    acc = heldout_accuracy(out, eval_per_family, device=device, persona=phases[-1].persona, families=fams)
+    acc = heldout_accuracy(out, eval_per_family, device=device, persona=phases[-1].persona)
     manifest = {
         "kind": kind, "parameters": n_params, "shape": asdict(SHAPES[phases[-1].shape]), "phases": done,
         "heldout_accuracy": acc,

@@ -1,0 +1,581 @@
+"""The report's sections, each drawn from the run directory's files alone.
+
+Every section is a function of one `Run` (`runfiles.py`) returning HTML, or "" when the run
+has nothing for it; a number the run lacks is shown as n/a. Everything taken from the files
+is escaped (`fmt.e`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from stillhouse.report import charts
+from stillhouse.report.fmt import (ci_span, count, duration, e, img, interval, num, p_value, params, pct, pct_ci,
+                                   section, table, td, usd)
+from stillhouse.report.runfiles import Run, preference
+
+SWAP_THRESHOLD = 0.65  # Zheng et al. 2023: GPT-4 kept its verdict under swapped answer order 65% of the time
+
+
+def header(r: Run, nav: list[tuple[str, str]]) -> str:
+    """The title band: run name, teacher and students, the benchmark and how it was decoded, links to the sections."""
+    res = r.res
+    students = ", ".join(f"<b>{e(m['name'])}</b>" for m in r.students) or "no student"
+    dec = res.get("decoding") if isinstance(res.get("decoding"), dict) else {}
+    decoding = ""
+    if dec:
+        temp, samples = num(dec.get("temperature")), dec.get("samples")
+        bits = ["greedy answers", f"up to {count(dec.get('max_tokens'))} tokens" if dec.get("max_tokens") else ""]
+        if isinstance(samples, int) and samples > 1:
+            bits.append(f"{samples} more sampled per item" + (f" at temperature {temp:g}" if temp is not None else ""))
+        decoding = " · " + e(", ".join(b for b in bits if b))
+    links = "".join(f'<a href="#{sid}">{e(title)}</a>' for sid, title in nav)
+    return f"""<header class="top"><div class="wrap">
+<div class="kicker">stillhouse distillation report</div>
+<h1>{e(r.name)}</h1>
+<p class="subtitle">Teacher <code>{e(r.teacher_spec)}</code> → {students} · evaluated on
+<code>{e(res.get('benchmark', 'n/a'))}</code>: {count(res.get('items'))} held-out items in {len(r.families)} task
+families, {e(res.get('verifier', 'exact match'))}{decoding}</p>
+<nav>{links}</nav></div></header>"""
+
+
+def _card(cid: str, key: str, value: str, note: str = "", cls: str = "") -> str:
+    """A headline card: a label, one big value, a note below (all already-safe HTML)."""
+    return (f'<div class="card{" " + cls if cls else ""}" id="{cid}"><span class="k">{key}</span>{value}'
+            f'{f"<span class={chr(34)}s{chr(34)}>{note}</span>" if note else ""}</div>')
+
+
+def teacher_cost(r: Run) -> tuple[str, str]:
+    """The teacher's spend as the headline shows it, and a note on what it means."""
+    spend = num(r.cost().get("teacher_usd"))
+    if r.teacher_local and not spend:  # evaluate prices no local model: its cost is compute, not an API bill
+        return "$0 (local)", "no API bill: the teacher ran on local compute"
+    if spend is None:
+        return "n/a", "no price known for this teacher"
+    return usd(spend), "at the teacher's price per token"
+
+
+def headline(r: Run) -> str:
+    """The numbers a reader wants first, as cards, and one sentence that says them."""
+    t, s = r.teacher or {}, (r.students[0] if r.students else None)
+    cards = []
+    if s is not None:
+        ci = interval(s.get("share_kept_ci"))
+        ci_line = f"{r.confidence} CI {pct(ci[0])}–{pct(ci[1])}" if ci else "no confidence interval in this run"
+        others = "".join(f"<br>{e(m['name'])}: {pct(m.get('share_kept'))}" for m in r.students[1:])
+        cards.append(_card("share-kept", "share of the teacher kept", f"<b>{pct(s.get('share_kept'))}</b>",
+                           f"{ci_line}<br>{e(s['name'])}'s accuracy ÷ the teacher's{others}", "big"))
+    rows = "".join(f'<span class="row"><span>{e(m["name"])}</span><span>{pct(m.get("accuracy"))}</span></span>'
+                   for m in r.models)
+    cards.append(_card("accuracy", "held-out accuracy", f'<span class="list">{rows}</span>'))
+    c = r.cost()
+    cost, note = teacher_cost(r)
+    usage = " · ".join(x for x in (f"{count(c['teacher_calls'])} calls" if c.get("teacher_calls") is not None else "",
+                                   f"{count(c['teacher_tokens'])} tokens" if c.get("teacher_tokens") else "") if x)
+    if c.get("judge_calls"):
+        usage += f"<br>judge: {usd(c.get('judge_usd'))} · {count(c.get('judge_calls'))} calls"
+    cards.append(_card("cost", "teacher cost", f"<b>{e(cost)}</b>", e(note) + (f"<br>{usage}" if usage else "")))
+    sp, tp = num((s or {}).get("parameters")), num(t.get("parameters"))
+    ratio = "ratio n/a"
+    if sp and tp:
+        ratio = f"{sp / tp:.2f}× the teacher" + (f" ({tp / sp:.1f}× smaller)" if sp < 0.95 * tp else "")
+    cards.append(_card("params", "parameters", f"<b>{params(sp)}</b>", f"student · teacher {params(tp)}<br>{ratio}"))
+    total = sum(r.timings.values())
+    cards.append(_card("wall-time", "wall time", f"<b>{duration(total, short=True) if r.timings else 'n/a'}</b>",
+                       f"{duration(total)}: the sum of {len(r.timings)} stages' wall times" if r.timings
+                       else "no stage timings"))
+    cards.append(_judge_card(r, s))
+    return f'<section id="headline" class="headline"><div class="cards">{"".join(cards)}</div>{_summary(r)}</section>'
+
+
+def _judge_card(r: Run, s: dict | None) -> str:
+    j = r.judge
+    if j is None:
+        return _card("judge-verdict", "judge vs teacher", "<b>n/a</b>", "this run has no judge", "na")
+    ok = j.get("trustworthy")
+    flag = ('<span class="pill ok">trustworthy</span>' if ok is True else
+            '<span class="pill bad">noise</span>' if ok is False else "")
+    swap = f"swap consistency {pct(j.get('swap_consistency'))} {flag}"
+    pair = r.pair(s["name"]) if s else None
+    if pair is None:
+        return _card("judge-verdict", "judge vs teacher", "<b>n/a</b>", f"no comparison of the student<br>{swap}",
+                     "warnc" if ok is False else "")
+    value = (f'<b class="wtl"><span class="w">{pct(pair.get("win"), 0)}</span> · <span class="t">'
+             f'{pct(pair.get("tie"), 0)}</span> · <span class="l">{pct(pair.get("loss"), 0)}</span></b>')
+    return _card("judge-verdict", "judge vs teacher", value,
+                 f"win · tie · loss of {e(s['name'])} against the teacher<br>{swap}", "warnc" if ok is False else "")
+
+
+def _summary(r: Run) -> str:
+    """One plain sentence with the result, as a model card's first line would give it."""
+    if not r.students or r.teacher is None:
+        return ""
+    s, t = r.students[0], r.teacher
+    ci = interval(s.get("share_kept_ci"))
+    ci_txt = f" ({r.confidence} CI {pct(ci[0])}–{pct(ci[1])})" if ci else ""
+    sp, tp = num(s.get("parameters")), num(t.get("parameters"))
+    size = f" with {tp / sp:.1f}× fewer parameters" if sp and tp and sp < 0.95 * tp else ""
+    if num(s.get("share_kept")) is None:
+        zero = ": with a teacher at zero, no share of it is defined" if num(t.get("accuracy")) == 0 else ""
+        text = (f"<b>{e(s['name'])}</b> scores {pct(s.get('accuracy'))} against the teacher's "
+                f"{pct(t.get('accuracy'))}{zero}")
+    else:
+        text = (f"<b>{e(s['name'])}</b> keeps <b>{pct(s.get('share_kept'))}</b>{ci_txt} of the teacher's verifiable "
+                f"accuracy{size}: {pct(s.get('accuracy'))} against {pct(t.get('accuracy'))}")
+    base = next((m for m in r.models if m.get("role") == "base"), None)
+    if base is not None:
+        text += f", from {pct(base.get('accuracy'))} for its base before distillation"
+    text += "."
+    pair = r.pair(s["name"])
+    pref = preference(pair) if pair else None
+    if pref:
+        noise = (" — but the judge is below its swap-consistency bar, so read that as noise"
+                 if (r.judge or {}).get("trustworthy") is False else "")
+        text += (f" The judge puts it at {pct(pref[0], 0)} of parity with the teacher (win {pct(pair.get('win'), 0)}, "
+                 f"tie {pct(pair.get('tie'), 0)}, loss {pct(pair.get('loss'), 0)}){noise}.")
+    return f'<p class="summary">{text}</p>'
+
+
+def relative_quality(r: Run) -> str:
+    if not r.others:
+        return ""
+    conf = num(r.res.get("confidence")) or 0.95
+    rows, table_rows = [], []
+    for m in r.others:
+        share, share_ci = num(m.get("share_kept")), interval(m.get("share_kept_ci"))
+        pair = r.pair(m["name"])
+        pref = preference(pair, conf) if pair else None
+        score = num((pair or {}).get("relative_score"))
+        score_ci = interval((pair or {}).get("relative_score_ci"))
+        rows.append({"label": r.label(m), "color": r.colors[m["name"]],
+                     "verifiable": (share, share_ci) if share is not None else None,
+                     "judged": pref if pair else None,
+                     "score": (score, score_ci) if score is not None else None})
+        table_rows.append(
+            f"<tr>{td(e(m['name']), '')}{td(e(m.get('role', '?')), '')}"
+            f"{td(pct_ci(m.get('accuracy'), m.get('accuracy_ci')))}"
+            f"{td(pct_ci(share, share_ci))}"
+            f"{td(pct_ci(pref[0], pref[1]) if pref else 'n/a')}{td(pct_ci(score, score_ci))}"
+            f"{td(pct_ci(m.get('teacher_agreement'), m.get('teacher_agreement_ci')))}</tr>")
+    if r.judge is None:
+        judged = ("No judge ran in this recipe, so only the verifiable measure is drawn; add a judge to the "
+                  "evaluate section to compare open-ended answers.")
+    else:
+        j = r.judge
+        judged_fams = [f for f, t in (r.res.get("tasks") or {}).items() if isinstance(t, dict) and t.get("judged")]
+        fams = f" on the judged task families ({e(', '.join(judged_fams))})" if judged_fams else ""
+        rule = "; orders that disagree count as a tie" if "disagree count as a tie" in str(j.get("rule", "")) else ""
+        judged = (f"<b>Judged</b>: the judge (<code>{e(j.get('spec', 'n/a'))}</code>) compared each model's answer "
+                  f"with the teacher's{fams}, every pair in both orders (A/B and B/A){rule}. (win + ½ tie) ÷ 50%: "
+                  f"100% means the judge cannot tell the model from the teacher, more means it prefers the model. The "
+                  f"hollow bar is Vicuna's relative score, the sum of the model's 1–10 scores over the teacher's, "
+                  f"shown for comparison with published numbers; it hides ties and "
+                  f"leans on the judge's calibration. A judge means little unless its verdicts survive swapping the "
+                  f"answers: this one kept its verdict <b>{pct(j.get('swap_consistency'))}</b> of the time (Zheng et "
+                  f"al. 2023 found 65% for GPT-4); position and length biases are in the judge section. The "
+                  + ("judged bars' intervals are the evaluate stage's bootstrap." if any(
+                      interval(p.get("preference_ci")) for p in j.get("pairs") or [] if isinstance(p, dict)) else
+                     "(win + ½ tie) intervals are a normal approximation over the judged items; the relative "
+                     "score's is the evaluate stage's bootstrap."))
+    ci_how = (f"{r.confidence} bootstrap intervals ({count(r.res.get('bootstrap_resamples'))} resamples of the items)"
+              if r.res.get("bootstrap_resamples") else f"{r.confidence} confidence intervals where the run has them")
+    cap = (f"<b>Teacher = 100%.</b> <b>Verifiable</b> (solid): the model's accuracy on the held-out benchmark "
+           f"({count(r.res.get('items'))} items, checked by {e(r.res.get('verifier', 'exact match'))}) ÷ the "
+           f"teacher's; "
+           f"error bars are {ci_how}. {judged}")
+    chart = charts.relative_quality(rows)
+    body = (f"<figure>{img(chart, 'chart-relative', 'share of the teacher kept by every model, verifiable and judged')}"
+            f"<figcaption>{cap}</figcaption></figure>"
+            + table(["model", "role", "accuracy", "share kept (verifiable)", "judged vs parity", "relative score",
+                     "agrees with teacher"], table_rows, "relative-table", 2))
+    return section("relative-quality", "How much of the teacher each model keeps", body)
+
+
+def per_task(r: Run) -> str:
+    fams = r.families
+    if not fams or not r.models:
+        return ""
+    shown = [{**m, "label": r.label(m)} for m in r.models]
+    chart = charts.per_task(shown, fams, r.colors)
+    tasks = r.res.get("tasks") or {}
+    has_tasks = isinstance(tasks, dict) and bool(tasks)
+    head = (["family"] + (["items", "verifier (extractor)", "judged" if r.judge else "judgeable"] if has_tasks else [])
+            + [m["name"] for m in r.models])
+    rows = []
+    for f in fams:
+        t = tasks.get(f) if has_tasks and isinstance(tasks.get(f), dict) else {}
+        cells = ""
+        if has_tasks:
+            how = e(t.get("verifier") or "n/a") + (f'<span class="sub">{e(t["extractor"])}</span>'
+                                                  if t.get("extractor") else "")
+            cells = td(count(t.get("items"))) + td(how, "") + td("yes" if t.get("judged") else "—", "")
+        cells += "".join(td(pct_ci((m.get("accuracy_by_family") or {}).get(f),
+                                   (m.get("accuracy_by_family_ci") or {}).get(f), 1, 0)) for m in r.models)
+        rows.append(f"<tr>{td(e(f), '')}{cells}</tr>")
+    pad = td("", "") * 3 if has_tasks else ""
+    rows.append(f'<tr class="total">{td("<b>macro mean</b>", "")}{pad}'
+                + "".join(td(f"<b>{pct(m.get('accuracy'))}</b>{ci_span(m.get('accuracy_ci'), 0)}") for m in r.models)
+                + "</tr>")
+    body = (f"<figure>{img(chart, 'chart-tasks', 'held-out accuracy per task family for every model')}"
+            f"<figcaption>Held-out accuracy per task family; error bars: {r.confidence} confidence intervals where "
+            f"the run has them. The macro mean over families is the accuracy the rest of the page uses."
+            f"</figcaption></figure>"
+            + table(head, rows, "task-table", text_cols=(2, 3) if has_tasks else ()))
+    ks = sorted({k for m in r.models for k in (m.get("pass_at_k") or {})}, key=lambda k: (len(str(k)), str(k)))
+    if ks:
+        prow = [f"<tr>{td(e(m['name']), '')}" + "".join(td(pct((m.get('pass_at_k') or {}).get(k))) for k in ks)
+                + "</tr>" for m in r.models]
+        body += ("<h3>pass@k</h3><p class=\"note\">The chance that at least one of k sampled answers is right "
+                 "(unbiased estimator over the samples drawn per item).</p>"
+                 + table(["model"] + [f"pass@{k}" for k in ks], prow, "pass-at-k", compact=True))
+    root = str(r.run.root.resolve()) + "/"
+    mrows = [f"<tr>{td(e(m['name']), '')}{td(e(m.get('role', '?')), '')}"
+             f"{td('<code>' + e(str(m.get('spec', 'n/a')).replace(root, '')) + '</code>', 'spec')}"
+             f"{td(params(m.get('parameters')))}{td(pct_ci(m.get('accuracy'), m.get('accuracy_ci')))}"
+             f"{td(pct_ci(m.get('teacher_agreement'), m.get('teacher_agreement_ci')))}"
+             f"{td(count(round(m['mean_answer_chars'])) if num(m.get('mean_answer_chars')) is not None else 'n/a')}"
+             f"{td(duration(m.get('seconds')))}</tr>" for m in r.models]
+    body += ("<h3>Models in this run</h3>"
+             + table(["model", "role", "spec", "parameters", "accuracy", "agrees with teacher", "mean answer (chars)",
+                      "eval time"], mrows, "models", 3))
+    return section("per-task", "Accuracy per task", body)
+
+
+def cost_quality(r: Run) -> str:
+    t = r.teacher
+    if t is None:
+        return ""
+    by_size = [{"x": num(m.get("parameters")), "y": 1.0 if m is t else num(m.get("share_kept")),
+                "ci": None if m is t else interval(m.get("share_kept_ci")), "label": m["name"],
+                "color": r.colors[m["name"]]} for m in r.models]
+    by_size = [p for p in by_size if p["x"] and p["y"] is not None]
+    by_train = [{"x": r.train_seconds(m), "y": num(m.get("share_kept")), "ci": interval(m.get("share_kept_ci")),
+                 "label": m["name"], "color": r.colors[m["name"]]} for m in r.students]
+    by_train = [p for p in by_train if p["x"] is not None and p["y"] is not None]
+    c = r.cost()
+    spend = num(c.get("teacher_usd"))
+    tp = num(t.get("parameters"))
+    crow = [f"<tr>{td('teacher (generation)', '')}{td(e(teacher_cost(r)[0]))}{td(count(c.get('teacher_calls')))}"
+            f"{td(count(c.get('teacher_tokens')))}</tr>"]
+    if r.judge is not None or c.get("judge_calls"):
+        crow.append(f"<tr>{td('judge', '')}{td(usd(c.get('judge_usd')))}{td(count(c.get('judge_calls')))}"
+                    f"{td('n/a')}</tr>")
+    trained = r.manifests.get("train", {}).get("counts", {}).get("students") or {}
+    srows = []
+    for m in r.students:
+        sp = num(m.get("parameters"))
+        share = num(m.get("share_kept"))
+        per_usd = f"{100 * share / spend:,.1f}% per $" if share is not None and spend else "n/a"
+        tr = trained.get(m["name"], {}) if isinstance(trained, dict) else {}
+        loss = num(tr.get("final_loss"))
+        srows.append(f"<tr>{td(e(m['name']), '')}{td(params(sp))}{td(f'{sp / tp:.2f}×' if sp and tp else 'n/a')}"
+                     f"{td(duration(r.train_seconds(m)))}{td(count(tr.get('steps')))}"
+                     f"{td('n/a' if loss is None else f'{loss:.4f}')}{td(pct_ci(share, m.get('share_kept_ci')))}"
+                     f"{td(per_usd)}</tr>")
+    body = ""
+    if by_size:
+        chart = charts.cost_quality(by_size, by_train)
+        body += (f"<figure>{img(chart, 'chart-cost', 'share of the teacher kept against size and training time')}"
+                 f"<figcaption>Share of the teacher kept against parameters (every model with a known size; log scale)"
+                 + (" and against training time (each student)" if by_train else "")
+                 + f"; the dashed line is the teacher. Error bars: {r.confidence} intervals.</figcaption></figure>")
+    body += "<h3>Spend</h3>" + table(["", "cost (USD)", "calls", "tokens"], crow, "cost-table", compact=True)
+    if srows:
+        body += "<h3>Students</h3>" + table(["student", "parameters", "× teacher", "training time", "steps",
+                                             "final loss", "share kept", "share kept per $"], srows, "train-table")
+    return section("cost-quality", "Cost against quality", body)
+
+
+def judge(r: Run) -> str:
+    j = r.judge
+    if j is None:
+        return section("judge", "Judge", '<p class="na">n/a: this run has no judge (the recipe names none, or the '
+                       "evaluation predates judging). The verifiable benchmark above is the whole evaluation.</p>")
+    sc, threshold = num(j.get("swap_consistency")), num(j.get("threshold")) or SWAP_THRESHOLD
+    fp = num(j.get("first_position_share"))
+    acc = num(j.get("accuracy_on_verifiable"))
+    banner = ""
+    if j.get("trustworthy") is False:
+        banner = (f'<div class="banner bad" id="judge-warning"><b>Below {pct(threshold, 0)} swap consistency: '
+                  f"treat these verdicts as noise.</b> The judge kept its verdict when the two answers swapped "
+                  f"places only {pct(sc)} of the time, so its preferences say more about answer order than about the "
+                  f"answers."
+                  f"</div>")
+    elif j.get("trustworthy") is True:
+        banner = (f'<div class="banner ok" id="judge-ok">Swap consistency {pct(sc)}, above the {pct(threshold, 0)} '
+                  f"bar: the judge's verdicts mostly survive swapping the answers' order.</div>")
+    same = j.get("same_as_teacher") is True or str(j.get("spec", "")) in ("teacher", r.teacher_spec)
+    template = str(j.get("template") or "")
+    long_template = "\n" in template or len(template) > 60
+    stats = [("judge", f"<code>{e(j.get('spec', 'n/a'))}</code>" + (" (the teacher itself)" if same else "")
+              + (f"<br>prompt: {e(template)}" if template and not long_template else "")),
+             ("swap consistency", f"<b>{pct(sc)}</b> (bar: {pct(threshold, 0)}; GPT-4 in Zheng et al. 2023: 65%)"),
+             ("first-position share",
+              f"<b>{pct(fp)}</b> of the decisive verdicts pick the answer shown first (50%: no position bias)"),
+             ("accuracy on verifiable pairs",
+              f"<b>{pct(acc)}</b> over {count(j.get('verifiable_pairs'))} pairs where one answer is right and the "
+              f"other wrong" if acc is not None else "n/a")]
+    dl = "".join(f"<div><dt>{e(k)}</dt><dd>{v}</dd></div>" for k, v in stats)
+    pairs = [p for p in j.get("pairs") or [] if isinstance(p, dict)]
+    rows, chart_rows = [], []
+    for p in pairs:
+        pref = preference(p, num(r.res.get("confidence")) or 0.95)
+        chars = p.get("mean_chars") or {}
+        against = str(p.get("against", "teacher"))
+        who = e(p.get("model", "?")) + ("" if against == "teacher" else f' <span class="sub">vs {e(against)}</span>')
+        rows.append(f"<tr>{td(who, '')}{td(count(p.get('items')))}"
+                    + "".join(td(pct_ci(p.get(k), p.get(f"{k}_ci"), 1, 0)) for k in ("win", "tie", "loss"))
+                    + f"{td(pct_ci(pref[0], pref[1], 1, 0) if pref else 'n/a')}{td(pct(p.get('swap_consistency')))}"
+                    f"{td(pct_ci(p.get('relative_score'), p.get('relative_score_ci'), 1, 0))}"
+                    f"{td(_chars(chars.get('model')) + ' / ' + _chars(chars.get('against')))}</tr>")
+        chart_rows.append({"label": str(p.get("model", "?")), "win": num(p.get("win")), "tie": num(p.get("tie")),
+                           "loss": num(p.get("loss"))})
+    body = banner + f'<dl class="stats">{dl}</dl>'
+    if chart_rows:
+        chart = charts.judge_outcomes(chart_rows)
+        body += (f"<figure>{img(chart, 'chart-judge', 'judge verdicts against the teacher: win, tie, loss')}"
+                 f"<figcaption>Each model's answers judged against the teacher's, both orders; the dotted line is "
+                 f"parity (50%).</figcaption></figure>")
+    body += table(["model", "items", "win", "tie", "loss", "judged vs parity", "swap consistency",
+                   "relative score", "mean chars: model / teacher"], rows, "judge-table")
+    caveats = ["<b>Position</b>: every pair is judged in both orders; a first-position share far from 50% means the "
+               "judge favours a slot, and swap consistency says how often it changed its mind with the slot.",
+               "<b>Length</b>: judges tend to prefer longer answers; compare the mean lengths beside the verdicts "
+               "before reading a win as quality.",
+               "<b>Relative score</b> (Vicuna's \"90% of ChatGPT\" measure): "
+               + (e(j["relative_score_caveats"]) if isinstance(j.get("relative_score_caveats"), str) else
+                  "the sum of the model's 1–10 scores over the teacher's. It depends on how the judge spreads its "
+                  "scores and hides ties; the win/tie/loss rates are the better summary.")]
+    if isinstance(j.get("unreadable_verdicts"), int) and j["unreadable_verdicts"]:
+        caveats.append(f"<b>Unreadable</b>: {count(j['unreadable_verdicts'])} of the judge's replies had no verdict "
+                       "the parser could read.")
+    if same:
+        caveats.append("<b>Self-preference</b>: the judge is the teacher itself, and models tend to rate their own "
+                       "answers higher; a win against it counts for more than a loss.")
+    body += "<ul class=\"caveats\">" + "".join(f"<li>{c}</li>" for c in caveats) + "</ul>"
+    if long_template:
+        body += f"<details><summary>judge prompt template</summary><pre>{e(template)}</pre></details>"
+    return section("judge", "Judge: pairwise verdicts against the teacher", body)
+
+
+def _int(x) -> int:
+    return int(x) if num(x) is not None else 0
+
+
+def _chars(x) -> str:
+    v = num(x)
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+def identity(r: Run) -> str:
+    """Who each model says it is, when asked: the teacher's identity, its own, another vendor's, or none."""
+    rows = []
+    for m in r.models:
+        for where, c in (m.get("identity_claims") or {}).items():
+            if not isinstance(c, dict):
+                continue
+            rows.append(f"<tr>{td(e(m['name']), '')}{td(e(str(where).replace('_', ' ')), '')}"
+                        f"{td(count(c.get('items')))}"
+                        + "".join(td(pct(c.get(k))) for k in ("reference", "own", "other", "none")) + "</tr>")
+    if not rows:
+        return ""
+    lead = ("Identity questions (the benchmark's, and new phrasings never trained on), each answer classified by the "
+            "identity it claims. A student distilled without scrubbing answers as its teacher.")
+    return section("identity", "Identity: who the models say they are",
+                   table(["model", "questions", "n", "claims the teacher's", "its own", "another vendor's", "none"],
+                         rows, "identity-claims", 2), lead)
+
+
+def data_story(r: Run) -> str:
+    """Samples generated, dropped or rewritten by each curation filter, kept; a warning for a contaminated benchmark."""
+    cur = r.manifests.get("curate")
+    gen = r.manifests.get("generate", {}).get("counts", {})
+    if not cur and not gen:
+        return ""
+    c = (cur or {}).get("counts") or {}
+    filters = [f for f in c.get("filters") or [] if isinstance(f, dict)]
+    body = ""
+    if c:
+        card = (' Dataset card: <a href="data/README.md"><code>data/README.md</code></a>.'
+                if (r.run.root / "data" / "README.md").is_file() else "")
+        body += (f'<p class="lead"><b>{count(c.get("generated"))}</b> samples generated, <b>{count(c.get("kept"))}</b> '
+                 f'kept for training (<b>{count(c.get("dropped"))}</b> dropped).{card}</p>')
+    cols = []
+    if gen:
+        tokens = (gen.get("prompt_tokens") or 0) + (gen.get("completion_tokens") or 0)
+        grow = [("method", e(gen.get("method", "n/a"))), ("prompts", count(gen.get("prompts"))),
+                ("samples generated", count(gen.get("samples"))),
+                ("truncated at max_tokens", count(gen.get("truncated"))),
+                ("teacher tokens (prompt + completion)", count(tokens) if tokens else "n/a"),
+                ("calls made / from the cache", f"{count(gen.get('calls_made'))} / {count(gen.get('cache_hits'))}")]
+        cols.append("<h3>Generation</h3>"
+                    + table(None, [f"<tr>{td(k, '')}{td(v)}</tr>" for k, v in grow], "generation"))
+    if filters:
+        steps = [("generated", _int(c.get("generated")), 0, 0)] + [
+            (str(f.get("filter", "?")), _int(f.get("kept")), _int(f.get("dropped")), _int(f.get("added")))
+            for f in filters]
+        cols.append("<h3>Curation</h3>" + img(charts.funnel(steps), "chart-data",
+                                               "samples kept and dropped by each curation filter"))
+    if cols:
+        body += '<div class="two">' + "".join(f"<div>{x}</div>" for x in cols) + "</div>"
+    if c.get("contaminated_eval_items"):
+        sets = ", ".join(f"{e(k)}: {count(v)}" for k, v in (c.get("contaminated_sets") or {}).items())
+        body += (f'<div class="banner warn" id="contamination">Warning: {count(c["contaminated_eval_items"])} '
+                 f"evaluation item(s) also appear in the generated data ({sets}; n-gram overlap). The samples were "
+                 "dropped, but a benchmark whose items were in the teacher's prompt set measures less than it "
+                 "seems.</div>")
+
+    def why(f: dict) -> str:
+        reasons = {**(f.get("drop_reasons") or {}), **(f.get("change_reasons") or {})}
+        parts = [f"{k}: {v}" for k, v in reasons.items()]
+        if f.get("added"):
+            parts.append(f"added: {f['added']}")
+        return e(", ".join(parts))
+
+    if filters:
+        rows = [f"<tr>{td(e(f.get('filter', '?')), '')}{td(count(f.get('in')))}{td(count(f.get('dropped')))}"
+                f"{td(count(f.get('changed')))}{td(count(f.get('kept')))}{td(why(f), 'why')}</tr>" for f in filters]
+        body += table(["filter", "in", "dropped", "rewritten", "kept", "reasons"], rows, "filters", text_cols=(5,))
+    return section("data", "Data: generated, curated, kept", body)
+
+
+def stage_timings(r: Run) -> str:
+    if not r.timings:
+        return ""
+    stages = list(r.timings.items())
+    chart = charts.timings(stages)
+    total = sum(s for _, s in stages) or 1.0
+    started = {m: num(r.manifests.get(m, {}).get("started")) for m, _ in stages}
+    def when(name: str) -> str:
+        t = started[name]
+        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "n/a"
+
+    rows = [f"<tr>{td(e(name), '')}{td(when(name))}{td(duration(s))}{td(f'{100 * s / total:.0f}%')}</tr>"
+            for name, s in stages]
+    rows.append(f'<tr class="total">{td("<b>total</b>", "")}{td("")}{td(f"<b>{duration(total)}</b>")}{td("100%")}</tr>')
+    body = (f'<div class="two wide-left"><div>{img(chart, "chart-timings", "wall time of each stage")}</div>'
+            f'<div>{table(["stage", "started", "wall time", "share"], rows, "timings-table")}</div></div>'
+            '<p class="note">A stage skipped because it had already finished keeps the timing of the run that did '
+            "it.</p>")
+    return section("timings", "Stage timings", body)
+
+
+def audit(r: Run) -> str:
+    """Each audit's evidence (runs/NAME/audit/evidence.json, or one per suspect under audit/*/), read defensively."""
+    root = r.run.root / "audit"
+    order = {m["name"]: i for i, m in enumerate(r.models)}  # students first, as everywhere on the page
+    found = [p for p in [root / "evidence.json", *sorted(root.glob("*/evidence.json"),
+                                                          key=lambda p: (order.get(p.parent.name, 99), p.parent.name))]
+             if p.is_file()]
+    parts = []
+    for path in found:
+        try:
+            ev = json.loads(path.read_text())
+        except (OSError, ValueError):
+            parts.append(f'<p class="na">{e(path.relative_to(r.run.root))}: unreadable</p>')
+            continue
+        if isinstance(ev, dict):
+            parts.append(_evidence(ev, path.relative_to(r.run.root), r.run.root.resolve()))
+    if not parts:
+        return ""
+    lead = ("Was a model distilled from the teacher? Each test gives a p-value for \"the suspect does not depend on "
+            "the teacher\"; the verdict rejects that at level α by Holm's method, so the chance of calling an "
+            "innocent model distilled is at most α.")
+    return section("audit", "Audit: distillation evidence", "".join(parts), lead)
+
+
+def _evidence(ev: dict, rel: Path, r_root: Path) -> str:
+    v = ev.get("verdict") if isinstance(ev.get("verdict"), dict) else {}
+    vt = v.get("tests") if isinstance(v.get("tests"), dict) else {}
+    rows = []
+    for name, t in (ev.get("tests") or {}).items():
+        if not isinstance(t, dict):
+            continue
+        stat = _statistic(name, t)
+        h = vt.get(name) or {}
+        rej = h.get("rejects")
+        verdict = "yes" if rej else "no" if rej is False else "n/a"
+        rows.append(f"<tr>{td(e(name), '')}{td(stat, 'stat')}{td(p_value(t.get('p_value')))}"
+                    f"{td(p_value(h.get('holm_adjusted')))}{td(verdict)}</tr>")
+    name = rel.parent.name if rel.parent.name != "audit" else None  # audit/<suspect>/evidence.json
+    spec = str(ev.get("suspect", "?")).replace(str(r_root) + "/", "")
+    html_ = (f'<h3>Suspect {e(name) + " " if name else ""}<code>{e(spec)}</code> '
+             f'<a class="file" href="{quote(str(rel))}">{e(rel)}</a></h3>')
+    if v:
+        alpha = v.get("false_positive_rate_at_most", v.get("alpha"))
+        cls = "bad" if v.get("distilled") else "ok"
+        fisher = f" Fisher's combined p-value (assumes independent tests): {p_value(v.get('fisher_p_value'))}." \
+            if v.get("fisher_p_value") is not None else ""
+        html_ += (f'<div class="banner {cls} verdict"><b>{e(v.get("verdict", "n/a"))}</b> — false-positive rate at '
+                  f"most {p_value(alpha)} ({e(v.get('method', 'holm'))}); deciding test: "
+                  f"{e(v.get('deciding_test', 'n/a'))}."
+                  f"{fisher}</div>")
+    else:
+        html_ += '<p class="na">No verdict (no test gave a p-value).</p>'
+    if rows:
+        html_ += table(["test", "statistic", "p-value", "Holm-adjusted", "rejects"], rows, None, 2)
+    notes = []
+    for name, rep in (ev.get("reported") or {}).items():
+        if isinstance(rep, dict) and "likeliest" in rep:
+            probs = ", ".join(f"{e(k)} {pct(p)}" for k, p in (rep.get("probability") or {}).items())
+            notes.append(f"<li><b>{e(name)}</b> (no p-value): reads most like <b>{e(rep.get('likeliest'))}</b> "
+                         f"({probs}); classifier cross-validated accuracy {pct(rep.get('cv_accuracy'))} against chance "
+                         f"{pct(rep.get('chance'))}.</li>")
+        else:
+            notes.append(f"<li><b>{e(name)}</b>: {e(rep if isinstance(rep, str) else json.dumps(rep)[:300])}</li>")
+    if notes:
+        html_ += '<ul class="caveats">' + "".join(notes) + "</ul>"
+    return f'<div class="evidence">{html_}</div>'
+
+
+def _statistic(name: str, t: dict) -> str:
+    """The test's own statistic, in words."""
+    if "claims_reference" in t:
+        return (f"{count(t.get('claims_reference'))} of {count(t.get('probes'))} probe answers claim the reference's "
+                f"identity (null rate {pct(t.get('null_rate'))})")
+    key = t.get("key") if isinstance(t.get("key"), dict) else None
+    if key is not None:
+        z = num(key.get("z"))
+        emp = t.get("empirical_p")
+        text = (f"{count(key.get('green'))} of {count(key.get('scored'))} scored tokens green (γ = "
+                f"{num(key.get('gamma')) or 0:.3f}), z = {'n/a' if z is None else f'{z:.2f}'}")
+        if emp is not None:
+            text += f"; empirical p over {count(t.get('null_keys'))} random keys {p_value(emp)}"
+        fpr = t.get("false_positive_rate")
+        if isinstance(fpr, dict) and fpr:
+            rates = ", ".join(f"{pct(v)} at p ≤ {e(k)}" for k, v in fpr.items() if num(v) is not None)
+            text += f"; random keys' false-positive rate {rates}" if rates else ""
+        return text
+    if "green_mass" in t:  # white-box: the suspect's own next-token distributions
+        z, emp = num(t.get("z")), t.get("empirical_p")
+        text = (f"white-box: green probability mass {num(t.get('green_mass')) or 0:.3f} against "
+                f"{num(t.get('expected')) or 0:.3f} by chance over {count(t.get('contexts'))} contexts, "
+                f"z = {'n/a' if z is None else f'{z:.2f}'}")
+        if emp is not None:
+            text += f"; empirical p over {count(t.get('null_keys'))} random keys {p_value(emp)}"
+        return text
+    if "statistic" in t:
+        return e(t["statistic"])
+    return "n/a"
+
+
+def links(r: Run) -> str:
+    root = r.run.root
+    items = [("dataset card", "data/README.md"), ("student model card", "student/README.md")]
+    items += [(f"model card: {p.parent.name}", str(p.relative_to(root)))
+              for p in sorted(root.glob("students/*/README.md"))]
+    items += [("evaluation results", "eval/results.json"), ("per-item answers and verdicts", "eval/samples.jsonl"),
+              ("call ledger (SQLite)", "ledger.db"), ("the recipe as run", "recipe.yaml"),
+              ("generated data", "data/generated.parquet"), ("curated data", "data/curated.parquet")]
+    items += [("audit evidence", "audit/evidence.json"), ("audit summary", "audit/summary.json")]
+    items += [(f"audit evidence: {p.parent.name}", str(p.relative_to(root)))
+              for p in sorted(root.glob("audit/*/evidence.json"))]
+    lis = [f'<li><a href="{quote(rel)}">{e(label)}</a> <code>{e(rel)}</code></li>' for label, rel in items
+           if (root / rel).is_file()]
+    if not lis:
+        return ""
+    return section("links", "Files", f'<ul class="links">{"".join(lis)}</ul>',
+                   "Everything on this page is computed from these files, in the run directory beside this page.")
