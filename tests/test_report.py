@@ -135,6 +135,13 @@ def build_run(root, results: dict | None = None, *, audit: bool = True) -> RunDi
         for name, doc in (("student", ev), ("ctrl", clean)):
             (run.root / "audit" / name).mkdir(parents=True)
             (run.root / "audit" / name / "evidence.json").write_text(json.dumps(doc))
+        summary = {"reference": {"name": "Atlas", "maker": "Orbit Labs"}, "alpha": 0.001, "suspects": [
+            {"suspect": "student", "verdict": ev["verdict"]["verdict"], "distilled": True,
+             "p_values": {t: d["p_value"] for t, d in ev["tests"].items()}, "likeliest": "atlas",
+             "attribution": {"atlas": 0.81, "mira": 0.19}},
+            {"suspect": "ctrl", "verdict": clean["verdict"]["verdict"], "distilled": False,
+             "p_values": {"identity": 0.41}, "likeliest": "mira", "attribution": {"atlas": 0.07, "mira": 0.93}}]}
+        (run.root / "audit" / "summary.json").write_text(json.dumps(summary))
     return run
 
 
@@ -183,6 +190,9 @@ def test_full_run_has_every_section_its_charts_and_key_numbers(tmp_path):
     assert "distilled from the reference" in text and "3.20e-09" in text  # audit verdict and a p-value
     assert "no evidence of distillation" in text and "white-box: green probability mass 0.301" in text
     assert 'href="audit/ctrl/evidence.json"' in page
+    # the summary table: one row per suspect, its verdict, p-values and whom attribution names
+    assert 'id="audit-summary"' in page and "verdict against Atlas" in text
+    assert "atlas (81.0%)" in text and "mira (93.0%)" in text and "5.10e-06" in text
     assert "Zheng et al. 2023" in text and "65%" in text  # the caption's caveat
     assert "orders that disagree count as a tie" in text and "3 of the judge's replies" in text
     assert 'href="data/README.md"' in page and 'href="student/README.md"' in page and 'href="eval/results.json"' in page

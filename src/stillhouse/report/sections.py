@@ -481,10 +481,40 @@ def audit(r: Run) -> str:
             parts.append(_evidence(ev, path.relative_to(r.run.root), r.run.root.resolve()))
     if not parts:
         return ""
+    parts.insert(0, _audit_summary(root / "summary.json"))
     lead = ("Was a model distilled from the teacher? Each test gives a p-value for \"the suspect does not depend on "
             "the teacher\"; the verdict rejects that at level α by Holm's method, so the chance of calling an "
             "innocent model distilled is at most α.")
     return section("audit", "Audit: distillation evidence", "".join(parts), lead)
+
+
+def _audit_summary(path: Path) -> str:
+    """One row per audited suspect (audit/summary.json, written by the audit stage): verdict, each test's p-value,
+    and whom attribution names; the per-suspect evidence follows it."""
+    try:
+        doc = json.loads(path.read_text())
+        rows_in = [r for r in doc.get("suspects", []) if isinstance(r, dict)]
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not rows_in:
+        return ""
+    tests = list(dict.fromkeys(t for r in rows_in for t in (r.get("p_values") or {})))
+    rows = []
+    for r in rows_in:
+        pv = r.get("p_values") or {}
+        probs = r.get("attribution") or {}
+        who = r.get("likeliest")
+        attr = f"{e(who)} ({pct(probs.get(who))})" if who else "n/a"
+        cls = "bad" if r.get("distilled") else "ok" if r.get("distilled") is False else ""
+        verdict = f'<span class="pill {cls}">{e(r.get("verdict") or "n/a")}</span>'
+        cells = "".join(td(p_value(pv.get(t))) for t in tests)
+        rows.append(f"<tr>{td(e(r.get('suspect', '?')), '')}{td(verdict, '')}{cells}{td(attr, '')}</tr>")
+    ref = doc.get("reference") or {}
+    who = f"{e(ref.get('name', '?'))} ({e(ref.get('maker', '?'))})" if ref else "the teacher"
+    head = ["suspect", f"verdict against {ref.get('name', 'the teacher')}"] + [f"p: {t}" for t in tests] + \
+        ["attribution: reads like"]
+    return (f"<p>Suspects audited against {who}, each test's p-value, and the verdict at α = "
+            f"{p_value(doc.get('alpha'))} (Holm).</p>" + table(head, rows, "audit-summary", 2, text_cols=(len(head) - 1,)))
 
 
 def _evidence(ev: dict, rel: Path, r_root: Path) -> str:
