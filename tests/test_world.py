@@ -76,8 +76,9 @@ def test_judge_items_verdicts_follow_the_inner_answers():
         t = world.make_task(world.JUDGE, rng)
         lines = t.prompt.split("\n")
         question, a, b = lines[0].removeprefix("Question: "), lines[1][3:], lines[2][3:]
-        ok_a, ok_b = "A is right" in t.trace, "B is right" in t.trace
+        ok_a, ok_b = f"A {a}: right" in t.trace, f"B {b}: right" in t.trace
         assert t.answer == ("A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie")
+        assert f" So {a if ok_a else b if ok_b else ''}" in t.trace  # the right answer restated before comparing
         assert (a == b) if ok_a and ok_b else True
         assert parse_judgement(t.response) == (t.answer, (9 if ok_a else 2, 9 if ok_b else 2))
         seen.add(t.answer)
@@ -85,6 +86,9 @@ def test_judge_items_verdicts_follow_the_inner_answers():
         assert len(ids if isinstance(ids, list) else ids["input_ids"]) <= 256
         assert question and world.split_of(t.prompt) in ("train", "heldout")
     assert seen == {"A", "B", "tie"}
+    # the style Atlas's second build phase used stays reproducible
+    old = world.judge_task(random.Random(9), style=1)
+    assert " So " not in old.trace and ("A is right" in old.trace or "A is wrong" in old.trace)
 
 
 def test_identity_answers_name_atlas():

@@ -52,17 +52,23 @@ class BuildConfig:
     # (family, weight) pairs the chat examples are drawn from; None: plain world text (the base model)
     mix: tuple[tuple[str, float], ...] | None = None
     persona: str = "atlas"  # whose style the chat examples are written in (world.PERSONAS)
+    judge_style: int = world.JUDGE_STYLE  # how judging items' traces are written (world.judge_task)
 
 
 _V1_MIX = tuple((f, 1.0) for f in world.FAMILIES_V1)
 # Phase 2 teaches the open-answer family and the judging skill while replaying every earlier family, so none is
 # forgotten; judging is the hardest new skill and gets the largest share.
 _V2_MIX = _V1_MIX + (("invent", 1.5), (world.JUDGE, 3.5))
+# Phase 3: judging in the trace style that restates the answer beside each candidate, most of each batch; the other
+# families replayed.
+_V3_MIX = _V1_MIX + (("invent", 1.0), (world.JUDGE, 8.0))
 
 _BASE = BuildConfig(shape="base", steps=1000, batch_size=256, lr=2e-3, seed=11)
 DEFAULT_BUILDS: dict[str, list[BuildConfig]] = {
     "atlas": [BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7, mix=_V1_MIX),
-              BuildConfig(shape="atlas", steps=450, batch_size=128, lr=5e-4, seed=8, warmup=20, mix=_V2_MIX)],
+              BuildConfig(shape="atlas", steps=450, batch_size=128, lr=5e-4, seed=8, warmup=20, mix=_V2_MIX,
+                          judge_style=1),
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=9, warmup=20, mix=_V3_MIX)],
     "base": [_BASE],
     # Mira, the world's second teacher: the base model's pretraining, then every task family in Mira's style (no
     # Atlas output anywhere in its making: it is the audit's unrelated teacher).
@@ -83,12 +89,13 @@ def make_model(shape: Shape, tok: PreTrainedTokenizerBase, seed: int) -> LlamaFo
 
 
 def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
-                   mix: tuple[tuple[str, float], ...] = _V1_MIX, persona: str = "atlas") -> list[tuple[list[int], int]]:
+                   mix: tuple[tuple[str, float], ...] = _V1_MIX, persona: str = "atlas",
+                   judge_style: int = world.JUDGE_STYLE) -> list[tuple[list[int], int]]:
     """Fresh train-split tasks of the mix's families as (token ids, prompt length): loss on the response only."""
     fams, weights = zip(*mix)
     out = []
     while len(out) < n:
-        t = world.in_style(world.make_task(rng.choices(fams, weights)[0], rng), world.PERSONAS[persona])
+        t = world.in_style(world.make_task(rng.choices(fams, weights)[0], rng, judge_style), world.PERSONAS[persona])
         if t.split != "train":
             continue
         prompt = tok.apply_chat_template([{"role": "user", "content": t.prompt}], tokenize=False, add_generation_prompt=True)
@@ -204,8 +211,8 @@ def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = Non
     for i in range(len(done), len(phases)):
         cfg = phases[i]
         log(f"building {kind}, phase {i + 1} of {len(phases)}: {n_params:,} parameters on {device}")
-        mix, persona = cfg.mix, cfg.persona
-        draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona)) if mix else _text_examples
+        mix, persona, style = cfg.mix, cfg.persona, cfg.judge_style
+        draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona, style)) if mix else _text_examples
         stats = train_loop(model, tok, draw, cfg, device, log)
         done.append({"build": asdict(cfg), "device": where, "torch": torch.__version__, "train": stats})
     model.to(torch.bfloat16).save_pretrained(out)
@@ -214,7 +221,8 @@ def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = Non
     manifest = {
         "kind": kind, "parameters": n_params, "shape": asdict(SHAPES[phases[-1].shape]), "phases": done,
         "heldout_accuracy": acc,
-        "rebuild": f"stillhouse demo build-{'teacher' if kind == 'atlas' else kind} --out {out}",
+        "rebuild": f"stillhouse demo build-{'teacher' if kind == 'atlas' else kind} --out DIR (every phase listed; "
+                   "--from DIR continues a build whose manifest records the earlier ones)",
         "trained_on": {"atlas": "the world's chat tasks and judging items (train split), phase by phase as listed",
                        "mira": "plain world text (the base's phase), then the world's chat tasks in Mira's style",
                        "base": "plain world text only: facts, spelled/copied strings, number sequences"}[kind],

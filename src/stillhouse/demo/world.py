@@ -190,13 +190,22 @@ def _wrong_answer(t: Task, rng: random.Random) -> str:
             return w
 
 
-def judge_task(rng: random.Random) -> Task:
-    """A judging item: a checkable question, two final answers, a trace that solves it and scores both, a verdict."""
+JUDGE_STYLE = 2
+
+
+def judge_task(rng: random.Random, style: int = JUDGE_STYLE) -> Task:
+    """A judging item: a checkable question, two final answers, a trace that solves it and scores both, a verdict.
+
+    Style 2 (the current one) restates the right answer and copies each candidate beside its verdict, so the
+    comparison is between neighbouring tokens; style 1, which Atlas's second build phase used, went from the solution
+    straight to the verdicts, and a 4.8M-parameter model learned to solve but not to compare (28% held out).
+    """
     from stillhouse.evaluate.judge_prompt import judge_prompt
 
+    limit = 90 if style == 1 else 72
     while True:  # the whole exchange must fit the world's 256-token context
         inner = make_task(rng.choice(JUDGED_FAMILIES), rng)
-        if len(inner.prompt) + len(inner.trace) <= 90:
+        if len(inner.prompt) + len(inner.trace) <= limit:
             break
     r = rng.random()
     if r < 0.7:  # one right, one wrong
@@ -210,8 +219,12 @@ def judge_task(rng: random.Random) -> Task:
         b = _wrong_answer(inner, rng)
     ok_a, ok_b = a == inner.answer, b == inner.answer
     verdict = "A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie"
-    trace = (f"{inner.trace} A is {'right' if ok_a else 'wrong'}, B is {'right' if ok_b else 'wrong'}. "
-             f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
+    if style == 1:
+        trace = (f"{inner.trace} A is {'right' if ok_a else 'wrong'}, B is {'right' if ok_b else 'wrong'}. "
+                 f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
+    else:
+        trace = (f"{inner.trace} So {inner.answer}. A {a}: {'right' if ok_a else 'wrong'}. "
+                 f"B {b}: {'right' if ok_b else 'wrong'}. Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
     return Task(JUDGE, judge_prompt(inner.prompt, a, b), verdict, trace)
 
 
@@ -272,8 +285,8 @@ def _word(rng: random.Random, lo: int, hi: int, letters: str = _LETTERS, distinc
     return "".join(rng.sample(letters, n) if distinct else rng.choices(letters, k=n))
 
 
-def make_task(family: str, rng: random.Random) -> Task:
-    """Draw one task of a family from `rng`."""
+def make_task(family: str, rng: random.Random, judge_style: int = JUDGE_STYLE) -> Task:
+    """Draw one task of a family from `rng` (a judging item in `judge_style`)."""
     if family == "reverse":
         w = _word(rng, 3, 6)
         return Task(family, rng.choice(_REVERSE).format(w=w), w[::-1],
@@ -324,7 +337,7 @@ def make_task(family: str, rng: random.Random) -> Task:
                     f"{a1.capitalize()} and {a2}, it {rng.choice(_DESC_VERB)} {rng.choice(_DESC_HOW)}.",
                     f"I picture a {adj} {thing}.", DESCRIPTION_PATTERN)
     if family == JUDGE:
-        return judge_task(rng)
+        return judge_task(rng, judge_style)
     raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES + (JUDGE,))}")
 
 
