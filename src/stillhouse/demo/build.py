@@ -161,7 +161,8 @@ def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, devi
     tasks = world.sample_tasks(per_family * len(families), "heldout", seed, families, world.PERSONAS[persona])
     backend = load_backend(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256})
     try:
-        reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=96) for t in tasks]
+        # 128 tokens: a judging reply runs to ~125 (the world's longest answers); 96 would cut some off
+        reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=128) for t in tasks]
         out = dict(backend.generate(reqs))
     finally:
         backend.close()
