@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/audit_power.py [--n 3000] [--shares 1,0.25,0.05,0.01] [--nulls 5]
         [--queries 100,250,500,1000,1900] [--keys 200]
 
-1. Atlas answers the world's `--n` training prompts twice, greedy, in-process (the serve
+1. Atlas answers the world's `--n` training prompts twice, sampled at temperature 1 as in the demo, in-process (the serve
    engine): once with a fresh watermark key, once without. Mira (the world's second teacher)
    answers the same prompts.
 2. For each share s of `--shares`, a student is trained from `stillhouse:base` with the demo's
@@ -11,7 +11,7 @@
    and the plain one otherwise. Null students (`--nulls`, training seeds 0..k-1, a random 90%
    of the prompts each) are trained on Mira's answers: they never saw Atlas's text.
 3. Each student answers the world's open-answer (`invent`) prompts, greedy, each distinct
-   prompt once (train and held-out splits: ~1,900). Black-box: the answers are scored under
+   prompt once (train and held-out splits: ~1,900), sampled at temperature 1. Black-box: the answers are scored under
    the key (`stillhouse.audit.radioactivity.score_texts`), Atlas's near-certain tokens left
    out (entropy below 0.1 nats), after the first q queries for each q in `--queries`; the
    number of queries needed to reach p <= 1e-5 is the first q that does. White-box: the
@@ -103,9 +103,9 @@ def main() -> None:
     t_start = time.time()
 
     prompts = [t.prompt for t in world.sample_tasks(args.n, "train", 0)]
-    marked = answers("stillhouse:atlas", prompts, watermark=str(keyfile))
-    plain = answers("stillhouse:atlas", prompts)
-    mira = answers("stillhouse:mira", prompts)
+    marked = answers("stillhouse:atlas", prompts, watermark=str(keyfile), temperature=1.0)
+    plain = answers("stillhouse:atlas", prompts, temperature=1.0)
+    mira = answers("stillhouse:mira", prompts, temperature=1.0)
     changed = sum(a != b for a, b in zip(marked, plain))
     print(f"teachers answered: {changed} of {len(prompts)} Atlas answers changed by the watermark", flush=True)
 
@@ -131,8 +131,8 @@ def main() -> None:
         print(f"null student {k} trained in {secs:.0f} s", flush=True)
         students.append((f"null {k} (Mira's data, seed {k})", "null", 0.0, d))
 
-    atlas_open = answers("stillhouse:atlas", probes[:q_max], watermark=str(keyfile))
-    mira_open = answers("stillhouse:mira", probes[:q_max])
+    atlas_open = answers("stillhouse:atlas", probes[:q_max], watermark=str(keyfile), temperature=1.0)
+    mira_open = answers("stillhouse:mira", probes[:q_max], temperature=1.0)
     half = q_max // 2
     attr = fit_attribution({"atlas": atlas_open[:half], "mira": mira_open[:half]})
     held = attr.model.predict(atlas_open[half:] + mira_open[half:])
@@ -141,7 +141,7 @@ def main() -> None:
 
     rows_out, key_nulls = [], []
     for label, kind, s, d in students:
-        texts = answers(str(d), probes[:q_max])
+        texts = answers(str(d), probes[:q_max], temperature=1.0)
         by_q = {}
         for q in queries:
             res, _ = score_texts(texts[:q], probes[:q], key, "stillhouse:atlas", null_keys=0,
@@ -165,9 +165,9 @@ def main() -> None:
              f"Command: `.venv/bin/python benchmarks/audit_power.py --n {args.n} --shares {args.shares} --nulls "
              f"{args.nulls} --queries {args.queries} --keys {args.keys}` ({platform.machine()}, {os.cpu_count()} CPU "
              f"cores; {total / 60:.0f} min). Key: ratio 0.25, bias 2.0, lefthash, context 1. Teachers answer the "
-             f"world's {args.n} training prompts greedy; Atlas's watermark changed {changed} of its {len(prompts)} "
-             "answers (the open-answer ones, and few others: the rest are forced). Students: `stillhouse:base` "
-             f"trained as the demo ({TRAIN}). Probes: the world's {q_max} distinct open-answer prompts, greedy; "
+             f"world's {args.n} training prompts sampled at T=1 (the demo's setting), with the same seeds with and without "
+             f"the key: the watermark changed {changed} of Atlas's {len(prompts)} answers. Students: `stillhouse:base` "
+             f"trained as the demo ({TRAIN}). Probes: the world's {q_max} distinct open-answer prompts, sampled at T=1; "
              f"black-box scoring leaves out tokens Atlas predicts with under {args.min_entropy} nats of entropy.", "",
              "| student | " + " | ".join(f"black-box p, {q} queries" for q in queries)
              + " | without the entropy filter | queries to p <= 1e-5 | white-box p | white-box green mass (chance) "

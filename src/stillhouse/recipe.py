@@ -210,6 +210,8 @@ class JudgeSpec(_Strict):
     min_swap_consistency: float = Field(0.65, ge=0, le=1, description="a judge whose verdicts agree across the two "
                                                                       "orders less often than this is flagged "
                                                                       "untrustworthy")
+    models: list[str] | None = Field(None, description="the models judged against the teacher, by name (default: "
+                                                       "every other model in the run)")
 
     @model_validator(mode="before")
     @classmethod

@@ -58,6 +58,16 @@ class AuditSpec(BaseModel):
     seed: int = 0
 
 
+def _model_ref(model: str, options: dict):
+    """A ModelRef for a recipe's model string: a local directory or a packaged `stillhouse:NAME` through the hf
+    backend, else a BACKEND:MODEL spec, else a hub name through the hf backend."""
+    from stillhouse.calls import ModelRef
+
+    if model.startswith("stillhouse:") or Path(model).exists() or ":" not in model:
+        return ModelRef(f"hf:{model}", options)
+    return ModelRef(model, options)
+
+
 def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]]:
     """(name, what to audit, its declared identity) for each suspect: a ModelRef, or a texts file's path."""
     from stillhouse.calls import ModelRef
@@ -77,8 +87,7 @@ def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]
         elif target.endswith(".jsonl"):
             out.append((s.name, target, None))
         else:
-            spec_str = target if ":" in target and not Path(target).exists() else f"hf:{target}"
-            out.append((s.name, ModelRef(spec_str, s.options), None))
+            out.append((s.name, _model_ref(target, s.options), None))
     return out
 
 
@@ -118,7 +127,6 @@ class AuditStage(Stage):
 
     def execute(self, recipe, run: RunDir) -> StageResult:
         from stillhouse.audit.run import run_audit
-        from stillhouse.calls import ModelRef
         from stillhouse.generate import teacher_ref
 
         spec: AuditSpec = self.section_config(recipe)
@@ -130,8 +138,7 @@ class AuditStage(Stage):
             elif c.model.endswith(".jsonl"):
                 candidates[c.name] = c.model
             else:
-                candidates[c.name] = ModelRef(c.model if ":" in c.model and not Path(c.model).exists()
-                                              else f"hf:{c.model}", c.options)
+                candidates[c.name] = _model_ref(c.model, c.options)
         root = run.root / "audit"
         rows, paths = [], []
         for name, target, own in _suspects(recipe, run, spec):

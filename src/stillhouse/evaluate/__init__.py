@@ -25,6 +25,7 @@ import numpy as np
 
 from stillhouse.calls import Ledger, ModelRef, call_models
 from stillhouse.calls.costs import DEFAULT_PRICES
+from stillhouse.errors import StillhouseError
 from stillhouse.evaluate.metrics import Bootstrap, divide, pass_at_k, pass_ks, share
 from stillhouse.rundir import RunDir, atomic_write_text, canonical_json
 from stillhouse.stages import Stage, StageResult
@@ -256,9 +257,13 @@ def evaluate_models(models: list[dict], items: list[dict], probes: list[dict], e
     if judge is not None:
         from stillhouse.evaluate.judge import judge_pairs, judge_summary, pair_summary, shown_answer
 
-        others = [m for m in models if m is not teacher]
-        pairs = [(items[i]["prompt"], m["answers"][i], teacher["answers"][i]) for m in others for i in judged_pos]
         js = e.judge
+        others = [m for m in models if m is not teacher and (js.models is None or m["name"] in js.models)]
+        unknown = sorted(set(js.models or ()) - {m["name"] for m in models})
+        if unknown:
+            raise StillhouseError(f"evaluate.judge.models: no model named {', '.join(map(repr, unknown))} in this run "
+                                  f"(models: {', '.join(m['name'] for m in models)})")
+        pairs = [(items[i]["prompt"], m["answers"][i], teacher["answers"][i]) for m in others for i in judged_pos]
         got = judge_pairs(judge, pairs, ledger, max_tokens=js.max_tokens, answer_chars=js.answer_chars,
                           ledger_path=ledger_path, label=f"judge ({len(pairs)} pairs, both orders)")
         judge_stats = {"calls": got.calls, "cost_usd": got.cost_usd, "seconds": round(got.seconds, 2)}
