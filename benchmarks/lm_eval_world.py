@@ -13,7 +13,6 @@ with the in-house evaluation is the check.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,33 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
 
-TASK = """task: world_heldout
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["<|im_end|>"]
-  max_gen_toks: {max_tokens}
-  do_sample: false
-  temperature: 0
-filter_list:
-  - name: final_answer
-    filter:
-      - function: regex
-        regex_pattern: "Answer:\\\\s*(.*?)\\\\s*$"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def main() -> None:
@@ -66,6 +38,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from stillhouse.demo.world import FAMILIES, sample_tasks
+    from stillhouse.evaluate.lm_eval import write_task
     from stillhouse.serve import subprocess_server
     from stillhouse.verify import exact_match
 
@@ -75,10 +48,8 @@ def main() -> None:
         models.append(("demo student", args.student))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "world.jsonl"
-        data.write_text("".join(json.dumps({"prompt": t.prompt, "answer": t.answer, "family": t.family}) + "\n"
-                                for t in tasks))
-        (Path(tmp) / "world.yaml").write_text(TASK.format(data=data, max_tokens=args.max_tokens))
+        write_task(tmp, "world_heldout", ({"prompt": t.prompt, "answer": t.answer, "family": t.family}
+                                          for t in tasks), max_tokens=args.max_tokens)
         tm = TaskManager(include_path=tmp, include_defaults=False)
         for label, model in models:
             with subprocess_server(model, "--model-name", "m", "--max-batch", "64") as url:

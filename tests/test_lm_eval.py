@@ -243,33 +243,6 @@ def test_echo_logprobs_keep_one_generated_token_even_when_it_is_eos(tmp_path):
 
 # -- lm-eval's own `hf` model type, straight from a model directory ---------------------------------------------
 
-_WORLD_TASK = """\
-task: stillhouse_world_heldout
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["<|im_end|>"]
-  max_gen_toks: {max_gen}
-  do_sample: false
-filter_list:
-  - name: final_answer
-    filter:
-      - function: regex
-        regex_pattern: "Answer: (.*)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def test_lm_eval_hf_model_type_loads_a_student_directory(tmp_path, model_dir, ref, monkeypatch):
@@ -282,18 +255,16 @@ def test_lm_eval_hf_model_type_loads_a_student_directory(tmp_path, model_dir, re
     from lm_eval.tasks import TaskManager
 
     from stillhouse.demo import world
+    from stillhouse.evaluate.lm_eval import write_task
 
     student = tmp_path / "run" / "student"
     shutil.copytree(model_dir, student)
     docs = [{"prompt": t.prompt, "answer": t.answer} for t in world.sample_tasks(12, "heldout", seed=2)]
-    data = tmp_path / "world_heldout.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "world.yaml").write_text(_WORLD_TASK.format(data=data, max_gen=MAX_GEN))
+    write_task(tmp_path / "tasks", "stillhouse_world_heldout", docs, max_tokens=MAX_GEN)
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     out = simple_evaluate(model="hf", model_args={"pretrained": str(student), "dtype": "float32", "device": "cpu"},
                           tasks=["stillhouse_world_heldout"], apply_chat_template=True, log_samples=True,
-                          bootstrap_iters=0, task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+                          bootstrap_iters=0, task_manager=tm)
     assert out is not None
     samples = sorted(out["samples"]["stillhouse_world_heldout"], key=lambda s: s["doc_id"])
     assert [s["doc"]["prompt"] for s in samples] == [d["prompt"] for d in docs]
