@@ -56,3 +56,36 @@ def test_build_teacher_and_base_code_paths_at_toy_scale(tmp_path):
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "atlas").state_dict()
     second = AutoModelForCausalLM.from_pretrained(tmp_path / "atlas2").state_dict()
     assert any(not (first[k] == second[k]).all() for k in first)
+
+
+def test_judging_decisions_weighted_in_the_builders_loss():
+    """A judging reply's decisive tokens (each candidate's copy and the first letter of its right/wrong) carry the
+    phase's decision weight; every other token, and every other family's reply, weight 1; with weight 1 everywhere
+    the weighted loss is the model's own."""
+    import random
+
+    import torch
+
+    from stillhouse.demo import build as b
+    from stillhouse.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    reply = "<think>2 + 3: 4:1 5:2. So 5. A 15: wrong. B 5: right. Scores: A 2, B 9.</think>\nAnswer: B"
+    w = b._decision_weights(tok, reply, 20.0)
+    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    heavy = tok.decode([i for i, x in zip(ids, w) if x == 20.0])
+    assert heavy == "15w5r" and all(x == 1.0 for x in w if x != 20.0)
+
+    ex = b._chat_examples(tok, random.Random(0), 30, mix=(("count", 1.0), (world.JUDGE, 1.0)), decision_weight=20.0)
+    assert {w is None for _, _, w in ex} == {True, False}  # only judging replies are weighted
+    for ids, start, w in ex:
+        if w is not None:
+            assert len(w) == len(ids) - start and sum(x == 20.0 for x in w) >= 4
+    batch = [e for e in ex if e[2] is not None][:3] + [e for e in ex if e[2] is None][:3]
+    model = b.make_model(b.SHAPES["tiny"], tok, 0)
+    plain = b._collate([(i, s, None) for i, s, _ in batch], tok.pad_token_id, "cpu")
+    ones = b._collate([(i, s, [1.0] * (len(i) - s)) for i, s, _ in batch], tok.pad_token_id, "cpu")
+    weighted = b._collate(batch, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(b._loss(model, plain), b._loss(model, ones), atol=1e-5)
+        assert b._loss(model, weighted) > b._loss(model, ones)

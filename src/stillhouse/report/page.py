@@ -6,6 +6,7 @@ import html
 from datetime import datetime, timezone
 
 from stillhouse.report import sections as S
+from stillhouse.report.audit import audit as audit_section
 from stillhouse.report.runfiles import read_run
 from stillhouse.rundir import RunDir
 
@@ -13,7 +14,7 @@ from stillhouse.rundir import RunDir
 # other stages' evidence and where the files are.
 SECTIONS = (("relative-quality", "Relative quality", S.relative_quality), ("per-task", "Per task", S.per_task),
             ("cost-quality", "Cost", S.cost_quality), ("judge", "Judge", S.judge), ("identity", "Identity", S.identity),
-            ("data", "Data", S.data_story), ("timings", "Timings", S.stage_timings), ("audit", "Audit", S.audit),
+            ("data", "Data", S.data_story), ("timings", "Timings", S.stage_timings), ("audit", "Audit", audit_section),
             ("links", "Files", S.links))
 
 CSS = """

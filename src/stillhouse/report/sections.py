@@ -7,13 +7,11 @@ is escaped (`fmt.e`).
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
-from pathlib import Path
 from urllib.parse import quote
 
 from stillhouse.report import charts
-from stillhouse.report.fmt import (ci_span, count, duration, e, img, interval, num, p_value, params, pct, pct_ci,
+from stillhouse.report.fmt import (ci_span, count, duration, e, img, interval, num, params, pct, pct_ci,
                                    section, table, td, usd)
 from stillhouse.report.runfiles import Run, preference
 
@@ -461,135 +459,6 @@ def stage_timings(r: Run) -> str:
             '<p class="note">A stage skipped because it had already finished keeps the timing of the run that did '
             "it.</p>")
     return section("timings", "Stage timings", body)
-
-
-def audit(r: Run) -> str:
-    """Each audit's evidence (runs/NAME/audit/evidence.json, or one per suspect under audit/*/), read defensively."""
-    root = r.run.root / "audit"
-    order = {m["name"]: i for i, m in enumerate(r.models)}  # students first, as everywhere on the page
-    found = [p for p in [root / "evidence.json", *sorted(root.glob("*/evidence.json"),
-                                                          key=lambda p: (order.get(p.parent.name, 99), p.parent.name))]
-             if p.is_file()]
-    parts = []
-    for path in found:
-        try:
-            ev = json.loads(path.read_text())
-        except (OSError, ValueError):
-            parts.append(f'<p class="na">{e(path.relative_to(r.run.root))}: unreadable</p>')
-            continue
-        if isinstance(ev, dict):
-            parts.append(_evidence(ev, path.relative_to(r.run.root), r.run.root.resolve()))
-    if not parts:
-        return ""
-    parts.insert(0, _audit_summary(root / "summary.json"))
-    lead = ("Was a model distilled from the teacher? Each test gives a p-value for \"the suspect does not depend on "
-            "the teacher\"; the verdict rejects that at level α by Holm's method, so the chance of calling an "
-            "innocent model distilled is at most α.")
-    return section("audit", "Audit: distillation evidence", "".join(parts), lead)
-
-
-def _audit_summary(path: Path) -> str:
-    """One row per audited suspect (audit/summary.json, written by the audit stage): verdict, each test's p-value,
-    and whom attribution names; the per-suspect evidence follows it."""
-    try:
-        doc = json.loads(path.read_text())
-        rows_in = [r for r in doc.get("suspects", []) if isinstance(r, dict)]
-    except (OSError, ValueError, AttributeError):
-        return ""
-    if not rows_in:
-        return ""
-    tests = list(dict.fromkeys(t for r in rows_in for t in (r.get("p_values") or {})))
-    rows = []
-    for r in rows_in:
-        pv = r.get("p_values") or {}
-        probs = r.get("attribution") or {}
-        who = r.get("likeliest")
-        attr = f"{e(who)} ({pct(probs.get(who))})" if who else "n/a"
-        cls = "bad" if r.get("distilled") else "ok" if r.get("distilled") is False else ""
-        verdict = f'<span class="pill {cls}">{e(r.get("verdict") or "n/a")}</span>'
-        cells = "".join(td(p_value(pv.get(t))) for t in tests)
-        rows.append(f"<tr>{td(e(r.get('suspect', '?')), '')}{td(verdict, '')}{cells}{td(attr, '')}</tr>")
-    ref = doc.get("reference") or {}
-    who = f"{e(ref.get('name', '?'))} ({e(ref.get('maker', '?'))})" if ref else "the teacher"
-    head = ["suspect", f"verdict against {ref.get('name', 'the teacher')}"] + [f"p: {t}" for t in tests] + \
-        ["attribution: reads like"]
-    return (f"<p>Suspects audited against {who}, each test's p-value, and the verdict at α = "
-            f"{p_value(doc.get('alpha'))} (Holm).</p>" + table(head, rows, "audit-summary", 2, text_cols=(len(head) - 1,)))
-
-
-def _evidence(ev: dict, rel: Path, r_root: Path) -> str:
-    v = ev.get("verdict") if isinstance(ev.get("verdict"), dict) else {}
-    vt = v.get("tests") if isinstance(v.get("tests"), dict) else {}
-    rows = []
-    for name, t in (ev.get("tests") or {}).items():
-        if not isinstance(t, dict):
-            continue
-        stat = _statistic(name, t)
-        h = vt.get(name) or {}
-        rej = h.get("rejects")
-        verdict = "yes" if rej else "no" if rej is False else "n/a"
-        rows.append(f"<tr>{td(e(name), '')}{td(stat, 'stat')}{td(p_value(t.get('p_value')))}"
-                    f"{td(p_value(h.get('holm_adjusted')))}{td(verdict)}</tr>")
-    name = rel.parent.name if rel.parent.name != "audit" else None  # audit/<suspect>/evidence.json
-    spec = str(ev.get("suspect", "?")).replace(str(r_root) + "/", "")
-    html_ = (f'<h3>Suspect {e(name) + " " if name else ""}<code>{e(spec)}</code> '
-             f'<a class="file" href="{quote(str(rel))}">{e(rel)}</a></h3>')
-    if v:
-        alpha = v.get("false_positive_rate_at_most", v.get("alpha"))
-        cls = "bad" if v.get("distilled") else "ok"
-        fisher = f" Fisher's combined p-value (assumes independent tests): {p_value(v.get('fisher_p_value'))}." \
-            if v.get("fisher_p_value") is not None else ""
-        html_ += (f'<div class="banner {cls} verdict"><b>{e(v.get("verdict", "n/a"))}</b> — false-positive rate at '
-                  f"most {p_value(alpha)} ({e(v.get('method', 'holm'))}); deciding test: "
-                  f"{e(v.get('deciding_test', 'n/a'))}."
-                  f"{fisher}</div>")
-    else:
-        html_ += '<p class="na">No verdict (no test gave a p-value).</p>'
-    if rows:
-        html_ += table(["test", "statistic", "p-value", "Holm-adjusted", "rejects"], rows, None, 2)
-    notes = []
-    for name, rep in (ev.get("reported") or {}).items():
-        if isinstance(rep, dict) and "likeliest" in rep:
-            probs = ", ".join(f"{e(k)} {pct(p)}" for k, p in (rep.get("probability") or {}).items())
-            notes.append(f"<li><b>{e(name)}</b> (no p-value): reads most like <b>{e(rep.get('likeliest'))}</b> "
-                         f"({probs}); classifier cross-validated accuracy {pct(rep.get('cv_accuracy'))} against chance "
-                         f"{pct(rep.get('chance'))}.</li>")
-        else:
-            notes.append(f"<li><b>{e(name)}</b>: {e(rep if isinstance(rep, str) else json.dumps(rep)[:300])}</li>")
-    if notes:
-        html_ += '<ul class="caveats">' + "".join(notes) + "</ul>"
-    return f'<div class="evidence">{html_}</div>'
-
-
-def _statistic(name: str, t: dict) -> str:
-    """The test's own statistic, in words."""
-    if "claims_reference" in t:
-        return (f"{count(t.get('claims_reference'))} of {count(t.get('probes'))} probe answers claim the reference's "
-                f"identity (null rate {pct(t.get('null_rate'))})")
-    key = t.get("key") if isinstance(t.get("key"), dict) else None
-    if key is not None:
-        z = num(key.get("z"))
-        emp = t.get("empirical_p")
-        text = (f"{count(key.get('green'))} of {count(key.get('scored'))} scored tokens green (γ = "
-                f"{num(key.get('gamma')) or 0:.3f}), z = {'n/a' if z is None else f'{z:.2f}'}")
-        if emp is not None:
-            text += f"; empirical p over {count(t.get('null_keys'))} random keys {p_value(emp)}"
-        fpr = t.get("false_positive_rate")
-        if isinstance(fpr, dict) and fpr:
-            rates = ", ".join(f"{pct(v)} at p ≤ {e(k)}" for k, v in fpr.items() if num(v) is not None)
-            text += f"; random keys' false-positive rate {rates}" if rates else ""
-        return text
-    if "green_mass" in t:  # white-box: the suspect's own next-token distributions
-        z, emp = num(t.get("z")), t.get("empirical_p")
-        text = (f"white-box: green probability mass {num(t.get('green_mass')) or 0:.3f} against "
-                f"{num(t.get('expected')) or 0:.3f} by chance over {count(t.get('contexts'))} contexts, "
-                f"z = {'n/a' if z is None else f'{z:.2f}'}")
-        if emp is not None:
-            text += f"; empirical p over {count(t.get('null_keys'))} random keys {p_value(emp)}"
-        return text
-    if "statistic" in t:
-        return e(t["statistic"])
-    return "n/a"
 
 
 def links(r: Run) -> str:
