@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ class BuildConfig:
     mix: tuple[tuple[str, float], ...] | None = None
     persona: str = "atlas"  # whose style the chat examples are written in (world.PERSONAS)
     judge_style: int = world.JUDGE_STYLE  # how judging items' traces are written (world.judge_task)
+    # loss weight of a judging reply's decisive tokens (each candidate's copy and its right/wrong) against 1 for the
+    # rest: 2 of a reply's ~120 tokens decide its verdict, and at weight 1 they are lost in the average
+    decision_weight: float = 1.0
 
 
 _V1_MIX = tuple((f, 1.0) for f in world.FAMILIES_V1)
@@ -88,10 +92,28 @@ def make_model(shape: Shape, tok: PreTrainedTokenizerBase, seed: int) -> LlamaFo
     return LlamaForCausalLM(cfg)
 
 
+# In a judging trace (style 2): "... So 5. A 7: wrong. B 5: right. ...": the candidate copied, and the first letter of
+# its verdict, where the reply is decided.
+_DECISION = re.compile(r"(?<=\. )[AB] ([^:.]+): ([rw])")
+
+
+def _decision_weights(tok: PreTrainedTokenizerBase, response: str, weight: float) -> list[float]:
+    """Per-token loss weights of a response: `weight` on the characters `_DECISION` marks, 1 elsewhere."""
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+    marked = set()
+    for m in _DECISION.finditer(response):
+        marked.update(range(*m.span(1)))
+        marked.update(range(*m.span(2)))
+    return [weight if any(i in marked for i in range(a, b)) else 1.0 for a, b in enc["offset_mapping"]]
+
+
+Example = tuple[list[int], int, list[float] | None]  # token ids, prompt length, response-token loss weights
+
+
 def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
                    mix: tuple[tuple[str, float], ...] = _V1_MIX, persona: str = "atlas",
-                   judge_style: int = world.JUDGE_STYLE) -> list[tuple[list[int], int]]:
-    """Fresh train-split tasks of the mix's families as (token ids, prompt length): loss on the response only."""
+                   judge_style: int = world.JUDGE_STYLE, decision_weight: float = 1.0) -> list[Example]:
+    """Fresh train-split tasks of the mix's families: loss on the response only, judging decisions weighted."""
     fams, weights = zip(*mix)
     out = []
     while len(out) < n:
@@ -100,30 +122,55 @@ def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
             continue
         prompt = tok.apply_chat_template([{"role": "user", "content": t.prompt}], tokenize=False, add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tok(t.response + wtok.IM_END + "\n", add_special_tokens=False)["input_ids"]
-        out.append((p_ids + r_ids, len(p_ids)))
+        response = t.response + wtok.IM_END + "\n"
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        w = None
+        if decision_weight != 1.0 and t.family == world.JUDGE:
+            w = _decision_weights(tok, response, decision_weight)
+            assert len(w) == len(r_ids)
+        out.append((p_ids + r_ids, len(p_ids), w))
     return out
 
 
-def _text_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int) -> list[tuple[list[int], int]]:
+def _text_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int) -> list[Example]:
     """Plain world text, two to four statements a line: loss on every token."""
     out = []
     for _ in range(n):
         lines = world.pretraining_text(rng.randint(2, 4), rng.randrange(1 << 30))
-        out.append((tok(" ".join(lines), add_special_tokens=False)["input_ids"][:200], 0))
+        out.append((tok(" ".join(lines), add_special_tokens=False)["input_ids"][:200], 0, None))
     return out
 
 
-def _collate(batch: list[tuple[list[int], int]], pad: int, device: str) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in batch)
+def _collate(batch: list[Example], pad: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels (-100 off the loss) and mask; `weights` too when some example carries them."""
+    width = max(len(ids) for ids, _, _ in batch)
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(batch):
+    weights = torch.ones((len(batch), width)) if any(w is not None for _, _, w in batch) else None
+    for row, (ids, start, w) in enumerate(batch):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, start:len(ids)] = torch.tensor(ids[start:])
         mask[row, :len(ids)] = 1
-    return {k: v.to(device) for k, v in {"input_ids": input_ids, "labels": labels, "attention_mask": mask}.items()}
+        if w is not None:
+            weights[row, start:len(ids)] = torch.tensor(w)
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if weights is not None:
+        out["weights"] = weights
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's mean next-token loss; with `weights`, each target token's loss times its weight, over the same
+    count of target tokens (so weight 1 everywhere is the plain loss)."""
+    if "weights" not in batch:
+        return model(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels, w = batch["labels"][:, 1:], batch["weights"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none")
+    keep = labels.reshape(-1) != -100
+    return (ce * w.reshape(-1))[keep].sum() / keep.sum()
 
 
 def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: Callable[[str], None] = print) -> dict:
@@ -138,7 +185,7 @@ def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: C
     for step in range(cfg.steps):
         batch = _collate(draw(tok, rng, cfg.batch_size), tok.pad_token_id, device)
         with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            loss = _loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -212,8 +259,8 @@ def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = Non
     for i in range(len(done), len(phases)):
         cfg = phases[i]
         log(f"building {kind}, phase {i + 1} of {len(phases)}: {n_params:,} parameters on {device}")
-        mix, persona, style = cfg.mix, cfg.persona, cfg.judge_style
-        draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona, style)) if mix else _text_examples
+        mix, persona, style, dw = cfg.mix, cfg.persona, cfg.judge_style, cfg.decision_weight
+        draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona, style, dw)) if mix else _text_examples
         stats = train_loop(model, tok, draw, cfg, device, log)
         done.append({"build": asdict(cfg), "device": where, "torch": torch.__version__, "train": stats})
     model.to(torch.bfloat16).save_pretrained(out)
