@@ -68,6 +68,30 @@ def test_each_context_token_pair_is_scored_once():
     assert again.scored == 2 and again.p_value == res.p_value
 
 
+@pytest.mark.parametrize("scheme", ["lefthash", "selfhash"])
+def test_a_unit_is_one_green_list_draw_whatever_the_context_width(scheme):
+    """transformers' lefthash seeds a green list from the last context token alone, whatever the width: windows
+    that end in the same token are one draw, scored once (counting each window would count one coin many times);
+    the colours read through the cached seeds are the generating processor's own."""
+    import torch
+    from transformers import WatermarkingConfig
+
+    from stillhouse.watermark import _FIELDS
+
+    key = {**KEY, "seeding_scheme": scheme, "context_width": 2 if scheme == "lefthash" else 3}
+    lists = GreenLists(key, VOCAB)
+    proc = WatermarkingConfig(**{f: key[f] for f in _FIELDS}).construct_processor(VOCAB, "cpu")
+    rng = random.Random(5)
+    for _ in range(300):
+        ctx, tok = tuple(rng.randrange(VOCAB) for _ in range(key["context_width"])), rng.randrange(VOCAB)
+        seq = torch.tensor(ctx + (tok,) if scheme == "selfhash" else ctx)
+        assert lists.is_green(ctx, tok) == (tok in proc._get_greenlist_ids(seq).tolist())
+    if scheme == "lefthash":
+        res = count_green([[1, 7, 40], [2, 7, 40], [3, 7, 40]], key, VOCAB)
+        assert res.scored == 1 and res.skipped_repeats == 2 and res.skipped_short == 6
+        assert count_green([[1, 7, 40], [2, 7, 40]], {**key, "context_width": 1}, VOCAB).scored == 3
+
+
 def test_pairs_copied_from_the_prompt_are_left_out():
     text = [5, 6, 7, 8, 9]
     res = count_green([text], KEY, VOCAB, prompts=[[1, 6, 7, 8, 2]])

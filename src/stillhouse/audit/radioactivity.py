@@ -7,10 +7,13 @@ asks how likely that many would be by chance.
 
 The statistics are written here from the mathematics, not taken from any detector:
 
-- A scored unit is one (context, token) pair, where the context is the `context_width` tokens
-  before the token. Each distinct pair is scored **once** across all texts: a suspect that
-  repeats a phrase would otherwise count its colour again and again, and the count would stop
-  being a sum of independent draws.
+- A scored unit is one green-list draw: the seed the scheme derives from the context (the
+  `context_width` tokens before the token) and the token. Each distinct unit is scored **once**
+  across all texts: a suspect that repeats a phrase would otherwise count its colour again and
+  again, and the count would stop being a sum of independent draws. The unit is the seed, not
+  the raw context, because transformers' `lefthash` seeds from the last context token alone
+  whatever the width (and `selfhash` from one token of the window and the token scored):
+  counting every distinct wider window would count the same draw many times over.
 - A pair whose context and token appear together in the text's own prompt is left out: it may
   have been copied from the prompt rather than chosen by the model.
 - Under the null (the text does not depend on the key) each scored pair is green with
@@ -111,47 +114,65 @@ class GreenLists:
         self.width = int(key["context_width"])
         self.selfhash = key["seeding_scheme"] == "selfhash"
         self.gamma = self.processor.greenlist_size / vocab_size
-        self._lists: dict[tuple[int, ...], frozenset[int]] = {}
+        self._lists: dict[int, frozenset[int]] = {}  # by seed
+        self._seeds: dict[tuple[int, ...], int] = {}
+
+    def seed(self, context: tuple[int, ...], token: int) -> int:
+        """The seed of the green list that decides `token`'s colour after `context`: the processor's own
+        (`set_seed` reads what it needs from the sequence: lefthash its last token, selfhash the window with the
+        token), so two positions with one seed are one draw, whatever else their contexts hold."""
+        import torch
+
+        seq = (context + (token,) if self.selfhash else context)[-self.width:]
+        seed = self._seeds.get(seq)
+        if seed is None:
+            self.processor.set_seed(torch.tensor(seq, dtype=torch.long))
+            seed = self._seeds[seq] = self.processor.rng.initial_seed()
+        return seed
+
+    def unit(self, context: tuple[int, ...], token: int) -> tuple[int, int]:
+        """What a position is scored as: (its green list's seed, the token)."""
+        return self.seed(context, token), token
 
     def is_green(self, context: tuple[int, ...], token: int) -> bool:
         import torch
 
-        # lefthash seeds from the last context token; selfhash also from the token being scored
-        seed_seq = context + (token,) if self.selfhash else context[-1:]
-        ids = self._lists.get(seed_seq)
+        seed = self.seed(context, token)
+        ids = self._lists.get(seed)
         if ids is None:
             seq = torch.tensor(context + (token,) if self.selfhash else context, dtype=torch.long)
-            ids = self._lists[seed_seq] = frozenset(self.processor._get_greenlist_ids(seq).tolist())
+            ids = self._lists[seed] = frozenset(self.processor._get_greenlist_ids(seq).tolist())
         return token in ids
 
 
 def count_green(token_texts: list[list[int]], key: dict, vocab_size: int,
                 prompts: list[list[int]] | None = None, keep: list[list[bool]] | None = None) -> GreenCount:
-    """Score token sequences under `key`: each distinct (context, token) pair once, prompt copies left out, and
-    where `keep` is given, only the positions it marks (the rest counted as low-entropy skips)."""
+    """Score token sequences under `key`: each distinct unit (green-list seed, token) once, prompt copies left out,
+    and where `keep` is given, only the positions it marks (the rest counted as low-entropy skips)."""
     lists = GreenLists(key, vocab_size)
     w = lists.width
-    seen: set[tuple[int, ...]] = set()
+    seen: set[tuple[int, int]] = set()
     green = repeats = in_prompt = short = low = 0
     for i, ids in enumerate(token_texts):
-        prompt_grams = set()
+        prompt_units = set()
         if prompts is not None and prompts[i]:
             p = prompts[i]
-            prompt_grams = {tuple(p[j:j + w + 1]) for j in range(len(p) - w)}
+            prompt_units = {lists.unit(tuple(p[j - w:j]), p[j]) for j in range(w, len(p))}
         short += min(w, len(ids))
         for j in range(w, len(ids)):
             if keep is not None and not keep[i][j]:
                 low += 1
                 continue
-            gram = tuple(ids[j - w:j + 1])
-            if gram in seen:
+            context, token = tuple(ids[j - w:j]), ids[j]
+            u = lists.unit(context, token)
+            if u in seen:
                 repeats += 1
                 continue
-            if gram in prompt_grams:
+            if u in prompt_units:
                 in_prompt += 1
                 continue
-            seen.add(gram)
-            green += lists.is_green(gram[:-1], gram[-1])
+            seen.add(u)
+            green += lists.is_green(context, token)
     n, g = len(seen), lists.gamma
     z = (green - g * n) / (n * g * (1 - g)) ** 0.5 if n else 0.0
     return GreenCount(scored=n, green=green, gamma=g, p_value=binomial_p(green, n, g), z=z,
@@ -296,8 +317,9 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     """White-box radioactivity: the suspect's own next-token distributions along `texts` (its answers to `prompts`,
     after the chat prefix), scored for probability mass on the key's green lists.
 
-    At each distinct context c (the `context_width` tokens before a position) the suspect's distributions there are
-    averaged into p_c, and S_c is p_c's mass on c's green list. A green list that does not depend on the suspect is a
+    At each distinct green-list seed c (what the scheme derives from the `context_width` tokens before a position;
+    lefthash: the last of them) the suspect's distributions there are averaged into p_c, and S_c is p_c's mass on
+    c's green list. A green list that does not depend on the suspect is a
     uniformly random k-subset of the V tokens, so E[S_c] = k/V and Var[S_c] = k(V-k)/(V(V-1)) * sum_t (p_c(t) - 1/V)^2
     (sampling without replacement). Contexts hash to independent lists, so Z = sum_c (S_c - k/V) / sqrt(sum_c Var)
     is approximately standard normal; its one-sided tail is the p-value, and the same statistic under `null_keys`
@@ -320,6 +342,9 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     # shows the distribution its model drew the first token from
     dists = next_token_distributions(suspect_dir, tok, prefixes, ids, extra=1)
     w = int(key["context_width"])
+    if key["seeding_scheme"] == "selfhash":
+        raise StillhouseError("white-box radioactivity scores lefthash keys (a selfhash green list depends on the "
+                              "token it colours, so a distribution has no single green list)")
     sums: dict[tuple[int, ...], torch.Tensor] = {}
     counts: dict[tuple[int, ...], int] = {}
     for prefix, seq, dist in zip(prefixes, ids, dists):
@@ -328,7 +353,7 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
             at = len(prefix) + j
             if at < w:
                 continue
-            c = tuple(full[at - w:at])
+            c = (full[at - 1],)  # lefthash's seed is the last context token's, whatever the width
             p = dist[j, :vocab]
             sums[c] = sums[c] + p if c in sums else p.clone()
             counts[c] = counts.get(c, 0) + 1
@@ -340,9 +365,6 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
 
     def z_of(k: dict) -> tuple[float, float]:
         lists = GreenLists(k, vocab)
-        if lists.selfhash:
-            raise StillhouseError("white-box radioactivity scores lefthash keys (a selfhash green list depends on the "
-                                  "token it colours, so a distribution has no single green list)")
         size = lists.processor.greenlist_size
         mask = torch.zeros_like(means)
         for r, c in enumerate(contexts):
