@@ -93,12 +93,14 @@ def main() -> None:
     ap.add_argument("--queries", default="100,250,500,1000,1900")
     ap.add_argument("--keys", type=int, default=200)
     ap.add_argument("--min-entropy", type=float, default=0.1)
+    ap.add_argument("--bias", type=float, default=2.0, help="the key's green-list bias (delta)")
+    ap.add_argument("--context-width", type=int, default=1, help="the key's context width")
     args = ap.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
     queries = [int(q) for q in args.queries.split(",")]
     work = Path(tempfile.mkdtemp(prefix="audit_power_"))
     keyfile = work / "key.json"
-    keygen(keyfile)
+    keygen(keyfile, bias=args.bias, context_width=args.context_width)
     key = read_key(keyfile)
     t_start = time.time()
 
@@ -163,8 +165,9 @@ def main() -> None:
     total = time.time() - t_start
     lines = ["## Audit: power, calibration and attribution on students distilled here (issue 10)", "",
              f"Command: `.venv/bin/python benchmarks/audit_power.py --n {args.n} --shares {args.shares} --nulls "
-             f"{args.nulls} --queries {args.queries} --keys {args.keys}` ({platform.machine()}, {os.cpu_count()} CPU "
-             f"cores; {total / 60:.0f} min). Key: ratio 0.25, bias 2.0, lefthash, context 1. Teachers answer the "
+             f"{args.nulls} --queries {args.queries} --keys {args.keys} --bias {args.bias} --context-width "
+             f"{args.context_width}` ({platform.machine()}, {os.cpu_count()} CPU cores; {total / 60:.0f} min). Key: "
+             f"ratio 0.25, bias {args.bias}, lefthash, context {args.context_width}. Teachers answer the "
              f"world's {args.n} training prompts sampled at T=1 (the demo's setting), with the same seeds with and without "
              f"the key: the watermark changed {changed} of Atlas's {len(prompts)} answers. Students: `stillhouse:base` "
              f"trained as the demo ({TRAIN}). Probes: the world's {q_max} distinct open-answer prompts, sampled at T=1; "
@@ -183,7 +186,7 @@ def main() -> None:
     null_bb = [r["full"].key.p_value for r in nulls]
     null_wb = [r["wb"].p_value for r in nulls]
     fpr = sum(p <= 1e-3 for p in key_nulls) / len(key_nulls) if key_nulls else float("nan")
-    lines += ["", f"**Calibration.** Null students under the true key: black-box p-values "
+    lines += ["", "**Calibration.** Null students under the true key: black-box p-values "
               + ", ".join(f"{p:.2g}" for p in null_bb) + "; white-box "
               + ", ".join(f"{p:.2g}" for p in null_wb)
               + f". Random keys over every student's texts ({len(key_nulls)} p-values): false-positive rate "
