@@ -59,11 +59,13 @@ def main() -> None:
             wall = time.time() - t0
             stages = {m["stage"]: m for m in (json.loads(p.read_text()) for p in (Path(tmp) / "stages").glob("*.json"))}
             res = json.loads((Path(tmp) / "eval" / "results.json").read_text())
+            audit = Path(tmp) / "audit" / "summary.json"
+            audit = json.loads(audit.read_text()) if audit.is_file() else None
         models = {m["name"]: m for m in res["models"]}
         rows.append({"mode": mode, "wall": wall, "stages": {s: m["seconds"] for s, m in stages.items()}, "models": models,
-                     "train": stages["train"]["counts"]})
+                     "train": stages["train"]["counts"], "judge": res.get("judge"), "audit": audit})
         print(json.dumps(rows[-1]["stages"]), f"share kept {models['student']['share_kept']:.3f}", flush=True)
-    names = ["generate", "train", "evaluate", "report"]
+    names = ["generate", "curate", "train", "audit", "evaluate", "report"]
     scale = f"{factor:.2f}x" if factor else "unknown"
     lines = [
         "## Demo: wall time per stage and share kept",
@@ -95,6 +97,23 @@ def main() -> None:
               f"{m0['teacher']['accuracy_by_family'][f]:.1%} |" for f in m0["teacher"]["accuracy_by_family"]]
     pt, ps = m0["teacher"]["parameters"], m0["student"]["parameters"]
     lines += ["", f"Parameters: teacher {pt:,}, student {ps:,} ({ps / pt:.2f}x)."]
+    j = rows[0]["judge"]
+    if j:
+        lines += ["", f"Judge, run 1 ({j['spec']}): swap consistency {j['swap_consistency']:.1%} "
+                      f"({'trusted' if j['trustworthy'] else 'flagged'} at {j['threshold']:.0%}), first-position share "
+                      f"{j['first_position_share']:.2f}, {j['unreadable_verdicts']} unreadable verdicts, right on "
+                      f"{j['accuracy_on_verifiable']:.0%} of {j['verifiable_pairs']} pairs the verifier can check."]
+    a = rows[0]["audit"]
+    if a:
+        lines += ["", "Audit, run 1 (p-values; verdict by Holm at alpha " + f"{a['alpha']:g}):", "",
+                  "| suspect | identity | watermark black-box | white-box | verdict | attribution |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for x in a["suspects"]:
+            pv = x.get("p_values", {})
+            att = x.get("attribution") or {}
+            lines.append(f"| {x['suspect']} | " + " | ".join(f"{pv[k]:.2g}" if k in pv else "n/a" for k in
+                         ("identity", "watermark", "watermark_whitebox")) + f" | {x['verdict']} | "
+                         + ", ".join(f"{k} {v:.1%}" for k, v in att.items()) + " |")
     write_section("demo", "\n".join(lines))
 
 
