@@ -72,7 +72,13 @@ DEFAULT_BUILDS: dict[str, list[BuildConfig]] = {
     "atlas": [BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7, mix=_V1_MIX),
               BuildConfig(shape="atlas", steps=450, batch_size=128, lr=5e-4, seed=8, warmup=20, mix=_V2_MIX,
                           judge_style=1),
-              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=9, warmup=20, mix=_V3_MIX)],
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=9, warmup=20, mix=_V3_MIX),
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=10, warmup=20, mix=_V3_MIX,
+                          decision_weight=20.0),
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=11, warmup=20, mix=_V3_MIX,
+                          decision_weight=20.0),
+              BuildConfig(shape="atlas", steps=400, batch_size=128, lr=8e-4, seed=12, warmup=20, mix=_V3_MIX,
+                          decision_weight=20.0)],
     "base": [_BASE],
     # Mira, the world's second teacher: the base model's pretraining, then every task family in Mira's style (no
     # Atlas output anywhere in its making: it is the audit's unrelated teacher).
