@@ -43,6 +43,14 @@ def resolve_model(ref: str) -> str:
     return ref  # a hub name such as Qwen/Qwen2.5-0.5B; from_pretrained fetches it where the hub is reachable
 
 
+def backend_spec(model: str) -> str:
+    """The backend spec a recipe's model string means: a local directory, a packaged `stillhouse:NAME` or a hub
+    name (no backend prefix) through the in-process `hf` backend; anything else is `BACKEND:MODEL` as given."""
+    if model.startswith("stillhouse:") or Path(model).exists() or ":" not in model:
+        return f"hf:{model}"
+    return model
+
+
 def count_parameters(path: str) -> int:
     """Parameters of a saved model, read from its safetensors headers without loading weights."""
     from safetensors import safe_open

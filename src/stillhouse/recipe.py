@@ -192,7 +192,9 @@ class ControlSpec(_Strict):
     identity: IdentitySpec | None = None
 
     def spec(self) -> str:
-        return self.model if ":" in self.model and not Path(self.model).exists() else f"hf:{self.model}"
+        from stillhouse.models import backend_spec
+
+        return backend_spec(self.model)
 
 
 class JudgeSpec(_Strict):

@@ -11,7 +11,6 @@ attribution), which the report draws.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,19 +57,10 @@ class AuditSpec(BaseModel):
     seed: int = 0
 
 
-def _model_ref(model: str, options: dict):
-    """A ModelRef for a recipe's model string: a local directory or a packaged `stillhouse:NAME` through the hf
-    backend, else a BACKEND:MODEL spec, else a hub name through the hf backend."""
-    from stillhouse.calls import ModelRef
-
-    if model.startswith("stillhouse:") or Path(model).exists() or ":" not in model:
-        return ModelRef(f"hf:{model}", options)
-    return ModelRef(model, options)
-
-
 def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]]:
     """(name, what to audit, its declared identity) for each suspect: a ModelRef, or a texts file's path."""
     from stillhouse.calls import ModelRef
+    from stillhouse.models import backend_spec
 
     students = {s.name: s for s in recipe.students}
     controls = {c.name: c for c in recipe.controls}
@@ -87,7 +77,7 @@ def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]
         elif target.endswith(".jsonl"):
             out.append((s.name, target, None))
         else:
-            out.append((s.name, _model_ref(target, s.options), None))
+            out.append((s.name, ModelRef(backend_spec(target), s.options), None))
     return out
 
 
@@ -127,7 +117,9 @@ class AuditStage(Stage):
 
     def execute(self, recipe, run: RunDir) -> StageResult:
         from stillhouse.audit.run import run_audit
+        from stillhouse.calls import ModelRef
         from stillhouse.generate import teacher_ref
+        from stillhouse.models import backend_spec
 
         spec: AuditSpec = self.section_config(recipe)
         reference = recipe.teacher.identity and recipe.teacher.identity.to_identity()
@@ -138,7 +130,7 @@ class AuditStage(Stage):
             elif c.model.endswith(".jsonl"):
                 candidates[c.name] = c.model
             else:
-                candidates[c.name] = _model_ref(c.model, c.options)
+                candidates[c.name] = ModelRef(backend_spec(c.model), c.options)
         root = run.root / "audit"
         rows, paths = [], []
         for name, target, own in _suspects(recipe, run, spec):
