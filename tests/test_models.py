@@ -72,8 +72,9 @@ def test_judging_decisions_weighted_in_the_builders_loss():
 
     tok = build_tokenizer()
     reply = "<think>2 + 3: 4:1 5:2. So 5. A 15: wrong. B 5: right. Scores: A 2, B 9.</think>\nAnswer: B"
-    w = b._decision_weights(tok, reply, 20.0)
-    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    enc = tok(reply, add_special_tokens=False, return_offsets_mapping=True)
+    w = b._decision_weights(reply, enc["offset_mapping"], 20.0)
+    ids = enc["input_ids"]
     heavy = tok.decode([i for i, x in zip(ids, w) if x == 20.0])
     assert heavy == "15w5r" and all(x == 1.0 for x in w if x != 20.0)
 

@@ -345,30 +345,37 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     if key["seeding_scheme"] == "selfhash":
         raise StillhouseError("white-box radioactivity scores lefthash keys (a selfhash green list depends on the "
                               "token it colours, so a distribution has no single green list)")
-    sums: dict[tuple[int, ...], torch.Tensor] = {}
-    counts: dict[tuple[int, ...], int] = {}
+    lists = GreenLists(key, vocab)
+    size = lists.processor.greenlist_size
+    # grouped by the key's green-list seed (lefthash: one per last token, whatever the width), each group's first
+    # context standing for it: a random key gives every group one list, as it gives the key's own
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    first: dict[int, tuple[int, ...]] = {}
     for prefix, seq, dist in zip(prefixes, ids, dists):
         full = prefix + seq
         for j in range(len(seq) + 1):
             at = len(prefix) + j
             if at < w:
                 continue
-            c = (full[at - 1],)  # lefthash's seed is the last context token's, whatever the width
+            ctx = tuple(full[at - w:at])
+            g = lists.seed(ctx, 0)  # a lefthash seed does not read the token
             p = dist[j, :vocab]
-            sums[c] = sums[c] + p if c in sums else p.clone()
-            counts[c] = counts.get(c, 0) + 1
+            if g in sums:
+                sums[g] += p
+            else:
+                sums[g], first[g] = p.clone(), ctx
+            counts[g] = counts.get(g, 0) + 1
     if not sums:  # nothing with a full context: no evidence either way
-        size = GreenLists(key, vocab).processor.greenlist_size
         return WhiteboxResult(contexts=0, green_mass=size / vocab, expected=size / vocab, z=0.0, p_value=1.0)
-    contexts = list(sums)
-    means = torch.stack([sums[c] / counts[c] for c in contexts])  # [contexts, vocab]
+    contexts = [first[g] for g in sums]
+    means = torch.stack([sums[g] / counts[g] for g in sums])  # [contexts, vocab]
 
     def z_of(k: dict) -> tuple[float, float]:
-        lists = GreenLists(k, vocab)
-        size = lists.processor.greenlist_size
+        proc = GreenLists(k, vocab).processor
         mask = torch.zeros_like(means)
         for r, c in enumerate(contexts):
-            gl = lists.processor._get_greenlist_ids(torch.tensor(c, dtype=torch.long))
+            gl = proc._get_greenlist_ids(torch.tensor(c, dtype=torch.long))
             mask[r, gl] = 1.0
         mass = (means * mask).sum(-1)
         var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
@@ -378,7 +385,6 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     z, mass = z_of(key)
     rng = random.Random(f"whitebox-null:{seed}")
     nulls = [z_of({**key, "hashing_key": rng.getrandbits(63)})[0] for _ in range(null_keys)]
-    size = GreenLists(key, vocab).processor.greenlist_size
     emp = (1 + sum(n >= z for n in nulls)) / (1 + len(nulls)) if nulls else None
     return WhiteboxResult(contexts=len(contexts), green_mass=mass, expected=size / vocab, z=z,
                           p_value=float(norm.sf(z)), null_keys=len(nulls), null_z=nulls, empirical_p=emp)

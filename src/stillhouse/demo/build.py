@@ -103,14 +103,14 @@ def make_model(shape: Shape, tok: PreTrainedTokenizerBase, seed: int) -> LlamaFo
 _DECISION = re.compile(r"(?<=\. )[AB] ([^:.]+): ([rw])")
 
 
-def _decision_weights(tok: PreTrainedTokenizerBase, response: str, weight: float) -> list[float]:
-    """Per-token loss weights of a response: `weight` on the characters `_DECISION` marks, 1 elsewhere."""
-    enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+def _decision_weights(response: str, offsets: list[tuple[int, int]], weight: float) -> list[float]:
+    """Per-token loss weights of a response (its tokens' character `offsets`): `weight` on the tokens covering a
+    character `_DECISION` marks, 1 elsewhere."""
     marked = set()
     for m in _DECISION.finditer(response):
         marked.update(range(*m.span(1)))
         marked.update(range(*m.span(2)))
-    return [weight if any(i in marked for i in range(a, b)) else 1.0 for a, b in enc["offset_mapping"]]
+    return [weight if any(i in marked for i in range(a, b)) else 1.0 for a, b in offsets]
 
 
 Example = tuple[list[int], int, list[float] | None]  # token ids, prompt length, response-token loss weights
@@ -129,12 +129,11 @@ def _chat_examples(tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
         prompt = tok.apply_chat_template([{"role": "user", "content": t.prompt}], tokenize=False, add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         response = t.response + wtok.IM_END + "\n"
-        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
         w = None
         if decision_weight != 1.0 and t.family == world.JUDGE:
-            w = _decision_weights(tok, response, decision_weight)
-            assert len(w) == len(r_ids)
-        out.append((p_ids + r_ids, len(p_ids), w))
+            w = _decision_weights(response, enc["offset_mapping"], decision_weight)
+        out.append((p_ids + enc["input_ids"], len(p_ids), w))
     return out
 
 
