@@ -399,9 +399,9 @@ def test_rows_moved_and_prefilled_in_groups_still_match_generate_alone(tiny_mode
 
 
 def test_models_without_plain_full_attention_caches_run_in_cohorts(tiny_models, monkeypatch):
-    from stillhouse.serve import engine as engine_module
+    from stillhouse.serve import batches
 
-    monkeypatch.setattr(engine_module._SlotBatch, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(batches._SlotBatch, "supports", staticmethod(lambda model: False))
     e = Engine(str(tiny_models["teacher"]), max_batch=4, window_ms=50, dtype="float32")
     try:
         prompts = [_ids(e, p) for p in PROMPTS[:4]]
@@ -409,6 +409,6 @@ def test_models_without_plain_full_attention_caches_run_in_cohorts(tiny_models, 
                                               for i, n in zip(prompts, (4, 20, 8, 14))]]
         for ids, n, res in zip(prompts, (4, 20, 8, 14), got):
             assert res.token_ids == _alone(e, ids, n)
-        assert isinstance(e._batch, engine_module._CohortBatch)
+        assert isinstance(e._batch, batches._CohortBatch)
     finally:
         e.close()

@@ -1,0 +1,216 @@
+"""The engine's running batch and its KV cache, in two layouts.
+
+`_SlotBatch` (full-attention models): one cache row ("slot") per request from its prefill to its
+end, written in place, so requests join and leave without copying the batch's cache.
+`_CohortBatch` (sliding-window or recurrent cache layers): transformers' own cache, new requests
+admitted only between cohorts. Both offer `prefill(seqs)`, `step(context)` and `remove(dead)`,
+which is all `Engine` asks of a batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+if TYPE_CHECKING:
+    from stillhouse.serve.engine import _Seq
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer of `_SlotBatch`'s cache, as transformers' attention layers see it."""
+
+    def __init__(self, batch: "_SlotBatch", index: int):
+        super().__init__()
+        self.batch, self.index = batch, index
+        self.is_initialized = True  # the buffers belong to the batch; transformers must not set them up
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.batch.write(self.index, key_states, value_states)
+
+
+class _SlotBatch:
+    """The running batch of a full-attention model: one cache row ("slot") per request, written in place.
+
+    The first design kept one left-padded cache for the batch and rebuilt it to let requests in
+    (padding and concatenating) or to drop finished ones: at a few hundred rows those copies were
+    a quarter of the engine's time. Here a request keeps its row from prefill to its end. Rows
+    differ in length, so a decode step writes each row's new key and value at that row's own
+    column and a 4-D attention mask (which transformers passes to the attention unchanged) lets
+    each row see only its own columns. Rows stay packed at the front: a finished row's place is
+    taken by the last live row, a copy of that one row. Prompts are prefilled left-padded, so
+    their last tokens line up and `logits_to_keep=1` gives every row's next-token logits.
+    """
+
+    ROWS_STEP = 64  # rows are allocated in steps of this (doubling), up to max_batch
+
+    def __init__(self, model, max_rows: int, pad_id: int):
+        from transformers import DynamicCache
+
+        self.model, self.max_rows, self.pad_id = model, max_rows, pad_id
+        self.cache = DynamicCache(config=model.config)
+        self.cache.layers = [_SlotLayer(self, i) for i in range(len(self.cache.layers))]
+        self.k: list[torch.Tensor | None] = [None] * len(self.cache.layers)  # [rows, heads, columns, head_dim]
+        self.v: list[torch.Tensor | None] = [None] * len(self.cache.layers)
+        self.cap_rows = self.cap_cols = 0
+        self.seqs: list[_Seq] = []
+        device = model.device
+        self.start = torch.zeros(0, dtype=torch.long, device=device)  # each row's first real column
+        self.length = torch.zeros(0, dtype=torch.long, device=device)  # tokens each row holds in the cache
+        self.last = torch.zeros(0, dtype=torch.long, device=device)  # each row's latest token, not yet cached
+        self._write: tuple | None = None  # where the forward in progress writes: ("prefill", first row) or columns
+        self._neg = torch.finfo(model.dtype).min
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether the model's cache is plain full attention and its attention takes an additive 4-D mask."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        return (bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+                and model.config._attn_implementation in ("sdpa", "eager"))
+
+    def write(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[i] is None:  # first use: heads and head size come from the model's own keys
+            self.k[i] = k.new_zeros(self.cap_rows, k.shape[1], self.cap_cols, k.shape[3])
+            self.v[i] = v.new_zeros(self.cap_rows, v.shape[1], self.cap_cols, v.shape[3])
+        if self._write[0] == "prefill":
+            a = self._write[1]
+            self.k[i][a:a + k.shape[0], :, :k.shape[2]] = k
+            self.v[i][a:a + v.shape[0], :, :v.shape[2]] = v
+            return k, v
+        rows, cols, width = self._write
+        self.k[i][rows, :, cols] = k[:, :, 0]
+        self.v[i][rows, :, cols] = v[:, :, 0]
+        n = len(self.seqs)
+        return self.k[i][:n, :, :width], self.v[i][:n, :, :width]
+
+    def _reserve(self, rows: int, cols: int) -> None:
+        """Make the buffers hold at least `rows` rows and `cols` columns, keeping what they hold."""
+        if rows <= self.cap_rows and cols <= self.cap_cols:
+            return
+        new_rows = self.cap_rows
+        while new_rows < rows and new_rows < self.max_rows:  # (the engine never admits past max_rows)
+            new_rows = min(self.max_rows, max(self.ROWS_STEP, 2 * new_rows))
+        new_cols = max(self.cap_cols, -(-cols // 64) * 64)
+        n, used = len(self.seqs), int((self.start + self.length).max()) if self.seqs else 0
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                if old is not None:
+                    bufs[i] = old.new_zeros(new_rows, old.shape[1], new_cols, old.shape[3])
+                    bufs[i][:n, :, :used] = old[:n, :, :used]
+        self.cap_rows, self.cap_cols = new_rows, max(new_cols, 1)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Put the prompts of `seqs` into new rows; returns their next-token logits."""
+        dev = self.start.device
+        lens = torch.tensor([len(s.req.prompt_ids) for s in seqs], device=dev)
+        width = int(lens.max())
+        self._reserve(len(self.seqs) + len(seqs), width + max(s.req.max_tokens for s in seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s.req.prompt_ids):] = torch.tensor(s.req.prompt_ids)
+        start = width - lens
+        col = torch.arange(width, device=dev)
+        # causal, and none of a row's padding; a padding query sees itself, so that no softmax row is empty
+        see = ((col[None, None, :] <= col[None, :, None]) & (col[None, None, :] >= start[:, None, None])
+               | torch.eye(width, dtype=torch.bool, device=dev))
+        mask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None]
+        pos = (col[None, :] - start[:, None]).clamp(min=0)
+        self._write = ("prefill", len(self.seqs))
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.seqs += seqs
+        self.start = torch.cat([self.start, start])
+        self.length = torch.cat([self.length, lens])
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, context: int) -> torch.Tensor:
+        """One decoding step of every row (feeding each its latest token); returns the next-token logits."""
+        n, dev = len(self.seqs), self.start.device
+        cols = self.start + self.length
+        width = int(cols.max()) + 1
+        see = torch.arange(width, device=dev)[None, :]
+        see = (see >= self.start[:, None]) & (see <= cols[:, None])
+        mask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None, None]
+        # clamped: a row is never asked for a position past the model's context
+        pos = self.length.clamp(max=context - 1)[:, None]
+        self._write = (torch.arange(n, device=dev), cols, width)
+        out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.length += 1
+        return out.logits[:, -1]
+
+    def remove(self, dead: list[int]) -> None:
+        """Drop rows `dead` (ascending); the last live rows move into their places."""
+        n = len(self.seqs) - len(dead)
+        gone = set(dead)
+        holes = [i for i in dead if i < n]
+        movers = [i for i in range(n, len(self.seqs)) if i not in gone]
+        if holes:
+            h = torch.tensor(holes, device=self.start.device)
+            m = torch.tensor(movers, device=self.start.device)
+            used = int((self.start[m] + self.length[m]).max())
+            for bufs in (self.k, self.v):
+                for buf in bufs:
+                    if buf is not None:
+                        buf[h, :, :used] = buf[m, :, :used]
+            for t in (self.start, self.length, self.last):
+                t[h] = t[m]
+            for a, b in zip(holes, movers):
+                self.seqs[a] = self.seqs[b]
+        del self.seqs[n:]
+        self.start, self.length, self.last = self.start[:n], self.length[:n], self.last[:n]
+
+
+class _CohortBatch:
+    """The running batch of any other model (sliding-window or recurrent caches): transformers' own cache, left-
+    padded, with requests let in only when the batch is empty, and finished rows selected out."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.seqs: list[_Seq] = []
+        self.cache = self.mask = None
+        self.last = torch.zeros(0, dtype=torch.long, device=model.device)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        width = max(len(s.req.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            p = s.req.prompt_ids
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        dev = self.model.device
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.seqs, self.cache, self.mask = list(seqs), out.past_key_values, mask
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, context: int) -> torch.Tensor:
+        pos = self.mask.sum(1, keepdim=True).clamp(max=context - 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], 1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def remove(self, dead: list[int]) -> None:
+        gone = set(dead)
+        keep = [i for i in range(len(self.seqs)) if i not in gone]
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            self.last = self.last[:0]
+            return
+        idx = torch.tensor(keep, device=self.last.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.last = self.mask[idx], self.last[idx]
