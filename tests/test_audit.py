@@ -52,6 +52,17 @@ def test_attribution_refuses_what_it_cannot_fit():
         fit_attribution({"a": answers("terse", 10, 0), "b": answers("chatty", 3, 0)})
 
 
+def test_attribution_fits_sources_that_answer_nothing():
+    """Blank answers (a tiny or broken model's) are a trait, not a crash: a fold of them used to leave the
+    vectorizers no vocabulary at all."""
+    model = fit_attribution({"mute": [""] * 6 + ["  "] * 4, "blank": ["\n"] * 10}, folds=5)
+    assert set(model.attribute([""])["probability"]) == {"mute", "blank"}
+    model = fit_attribution({"mute": [""] * 20, "terse": answers("terse", 20, 0)}, folds=5)
+    assert model.cv_accuracy == 1.0
+    assert model.attribute(["", " "])["likeliest"] == "mute"
+    assert model.attribute(answers("terse", 5, 9))["likeliest"] == "terse"
+
+
 def test_the_probe_suite_covers_four_languages_and_the_wrappers():
     plain = probe_suite(ATLAS)
     assert len(plain) >= 60 and {p["language"] for p in plain} == set(ASK)

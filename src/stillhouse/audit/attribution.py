@@ -15,15 +15,25 @@ from dataclasses import dataclass, field
 from stillhouse.errors import StillhouseError
 
 
+_NO_ANSWER = "\u2205"  # what a blank answer is read as: answering nothing is a trait of a style too
+
+
+def _preprocess(text: str) -> str:
+    """Lower-cased, as the vectorizers' default; a blank answer as `_NO_ANSWER`, so that a fold of blank answers
+    still has a feature (without one the vectorizers stop with "empty vocabulary")."""
+    return text.lower() if text.strip() else _NO_ANSWER
+
+
 def _pipeline(seed: int):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import FeatureUnion, make_pipeline
 
     features = FeatureUnion([
-        ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, min_df=1)),
+        ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, min_df=1,
+                                  preprocessor=_preprocess)),
         ("words", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1,
-                                  token_pattern=r"(?u)\b\w+\b|[^\w\s]")),
+                                  token_pattern=r"(?u)\b\w+\b|[^\w\s]", preprocessor=_preprocess)),
     ])
     return make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0, random_state=seed))
 
