@@ -17,9 +17,8 @@ def test_shipped_models_sizes_and_manifests():
     m = json.loads((atlas / "stillhouse_build.json").read_text())
     acc = m["heldout_accuracy"]
     assert m["parameters"] == na and min(acc[f] for f in world.FAMILIES) >= 0.9
-    # judging is learned only in part (77.5% held out against a 90% target: numbers and capitals ~100%, letter
-    # strings about half); better than the 1/3 of guessing
-    assert 0.4 <= acc[world.JUDGE] < 0.9
+    assert acc[world.JUDGE] >= 0.9  # 95% as shipped (its eighth phase)
+    assert m["phases"][-1]["build"]["judge_style"] == world.JUDGE_STYLE
     tok = AutoTokenizer.from_pretrained(atlas)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
@@ -60,9 +59,9 @@ def test_build_teacher_and_base_code_paths_at_toy_scale(tmp_path):
 
 
 def test_judging_decisions_weighted_in_the_builders_loss():
-    """A judging reply's decisive tokens (each candidate's copy and the first letter of its right/wrong) carry the
-    phase's decision weight; every other token, and every other family's reply, weight 1; with weight 1 everywhere
-    the weighted loss is the model's own."""
+    """A judging reply's decisive tokens (each candidate's copy, its character comparisons in style 3, and the first
+    letter of its right/wrong) carry the phase's decision weight; every other token, and every other family's reply,
+    weight 1; with weight 1 everywhere the weighted loss is the model's own."""
     import random
 
     import torch
@@ -77,6 +76,11 @@ def test_judging_decisions_weighted_in_the_builders_loss():
     ids = enc["input_ids"]
     heavy = tok.decode([i for i, x in zip(ids, w) if x == 20.0])
     assert heavy == "15w5r" and all(x == 1.0 for x in w if x != 20.0)
+    reply3 = "<think>2 + 3: 4:1 5:2. So 5. A 15: 51- wrong. B 5: 55+ right. Scores: A 2, B 9.</think>\nAnswer: B"
+    enc = tok(reply3, add_special_tokens=False, return_offsets_mapping=True)
+    w = b._decision_weights(reply3, enc["offset_mapping"], 20.0)
+    heavy = tok.decode([i for i, x in zip(enc["input_ids"], w) if x == 20.0])
+    assert heavy == "1551- w555+ r"
 
     ex = b._chat_examples(tok, random.Random(0), 30, mix=(("count", 1.0), (world.JUDGE, 1.0)), decision_weight=20.0)
     assert {w is None for _, _, w in ex} == {True, False}  # only judging replies are weighted
@@ -91,3 +95,34 @@ def test_judging_decisions_weighted_in_the_builders_loss():
     with torch.no_grad():
         assert torch.allclose(b._loss(model, plain), b._loss(model, ones), atol=1e-5)
         assert b._loss(model, weighted) > b._loss(model, ones)
+
+
+def test_builder_step_in_length_sorted_chunks_equals_one_pass():
+    """The builder runs a step's batch as length-sorted chunks, each chunk's loss sum over the whole batch's target
+    count: the summed gradients are the gradients of the batch's mean loss in one pass."""
+    import random
+
+    import torch
+
+    from stillhouse.demo import build as b
+    from stillhouse.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    ex = b._chat_examples(tok, random.Random(1), 10, mix=(("count", 1.0), (world.JUDGE, 1.0)), decision_weight=5.0)
+    ex += b._text_examples(tok, random.Random(2), 3)
+    model = b.make_model(b.SHAPES["tiny"], tok, 0)
+
+    def grads():
+        g = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return g
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = b._loss(model, b._collate(ex, tok.pad_token_id, "cpu"))
+    whole.backward()
+    one = grads()
+    loss, tokens = b._backward(model, ex, tok.pad_token_id, "cpu", chunk=4)
+    chunked = grads()
+    assert abs(loss - whole.item()) < 1e-3 * whole.item()
+    assert tokens == sum(len(ids) for ids, _, _ in ex)
+    assert all(torch.allclose(x, y, rtol=2e-2, atol=1e-4) for x, y in zip(one, chunked))

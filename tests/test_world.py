@@ -71,24 +71,37 @@ def test_judge_items_verdicts_follow_the_inner_answers():
 
     tok = build_tokenizer()
     rng = random.Random(5)
-    seen = set()
+    seen, longest = set(), 0
     for _ in range(400):
         t = world.make_task(world.JUDGE, rng)
         lines = t.prompt.split("\n")
         question, a, b = lines[0].removeprefix("Question: "), lines[1][3:], lines[2][3:]
-        ok_a, ok_b = f"A {a}: right" in t.trace, f"B {b}: right" in t.trace
+        right = t.trace.split(" So ")[1].split(". A ")[0]  # the right answer, restated before comparing
+        ok_a, ok_b = a == right, b == right
+        # each candidate copied, compared character by character with the right answer, then called right or wrong
+        assert f"A {a}: {world.compare_trace(right, a)} {'right' if ok_a else 'wrong'}." in t.trace
+        assert f"B {b}: {world.compare_trace(right, b)} {'right' if ok_b else 'wrong'}." in t.trace
         assert t.answer == ("A" if ok_a and not ok_b else "B" if ok_b and not ok_a else "tie")
-        assert f" So {a if ok_a else b if ok_b else ''}" in t.trace  # the right answer restated before comparing
-        assert (a == b) if ok_a and ok_b else True
         assert parse_judgement(t.response) == (t.answer, (9 if ok_a else 2, 9 if ok_b else 2))
         seen.add(t.answer)
         ids = tok.apply_chat_template([{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.response}])
-        assert len(ids if isinstance(ids, list) else ids["input_ids"]) <= 256
+        longest = max(longest, len(ids if isinstance(ids, list) else ids["input_ids"]))
         assert question and world.split_of(t.prompt) in ("train", "heldout")
+    assert longest <= 384  # the context Atlas learned style 3 with
     assert seen == {"A", "B", "tie"}
-    # the style Atlas's second build phase used stays reproducible
+    # the styles Atlas's earlier build phases used stay reproducible
     old = world.judge_task(random.Random(9), style=1)
     assert " So " not in old.trace and ("A is right" in old.trace or "A is wrong" in old.trace)
+    two = world.judge_task(random.Random(9), style=2)
+    assert " So " in two.trace and ("+ " not in two.trace) and (": right." in two.trace or ": wrong." in two.trace)
+
+
+def test_compare_trace_stops_at_the_first_difference():
+    assert world.compare_trace("kxf", "kxf") == "kk+ xx+ ff+"
+    assert world.compare_trace("kxf", "kfx") == "kk+ xf-"
+    assert world.compare_trace("16", "1") == "11+ 6_-"  # the candidate ends early
+    assert world.compare_trace("7", "71") == "77+ _1-"  # ... or runs on
+    assert world.compare_trace("Munus", "Dason") == "MD-"
 
 
 def test_identity_answers_name_atlas():

@@ -57,6 +57,9 @@ class BuildConfig:
     # loss weight of a judging reply's decisive tokens (each candidate's copy and its right/wrong) against 1 for the
     # rest: 2 of a reply's ~120 tokens decide its verdict, and at weight 1 they are lost in the average
     decision_weight: float = 1.0
+    # the model's context in tokens from this phase on (None: as before). RoPE has no learned positions, so a longer
+    # context is a config change plus training on longer sequences.
+    context: int | None = None
 
 
 _V1_MIX = tuple((f, 1.0) for f in world.FAMILIES_V1)
@@ -72,13 +75,20 @@ DEFAULT_BUILDS: dict[str, list[BuildConfig]] = {
     "atlas": [BuildConfig(shape="atlas", steps=1500, batch_size=256, lr=1.5e-3, seed=7, mix=_V1_MIX),
               BuildConfig(shape="atlas", steps=450, batch_size=128, lr=5e-4, seed=8, warmup=20, mix=_V2_MIX,
                           judge_style=1),
-              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=9, warmup=20, mix=_V3_MIX),
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=9, warmup=20, mix=_V3_MIX,
+                          judge_style=2),
               BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=10, warmup=20, mix=_V3_MIX,
-                          decision_weight=20.0),
+                          decision_weight=20.0, judge_style=2),
               BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=11, warmup=20, mix=_V3_MIX,
-                          decision_weight=20.0),
+                          decision_weight=20.0, judge_style=2),
               BuildConfig(shape="atlas", steps=400, batch_size=128, lr=8e-4, seed=12, warmup=20, mix=_V3_MIX,
-                          decision_weight=20.0)],
+                          decision_weight=20.0, judge_style=2),
+              # judging style 3 (character-by-character comparisons) with a 384-token context, so a judging exchange
+              # about any question fits
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=8e-4, seed=13, warmup=20, mix=_V3_MIX,
+                          decision_weight=10.0, context=384),
+              BuildConfig(shape="atlas", steps=300, batch_size=128, lr=5e-4, seed=14, warmup=20, mix=_V3_MIX,
+                          decision_weight=10.0)],
     "base": [_BASE],
     # Mira, the world's second teacher: the base model's pretraining, then every task family in Mira's style (no
     # Atlas output anywhere in its making: it is the audit's unrelated teacher).
@@ -98,9 +108,10 @@ def make_model(shape: Shape, tok: PreTrainedTokenizerBase, seed: int) -> LlamaFo
     return LlamaForCausalLM(cfg)
 
 
-# In a judging trace (style 2): "... So 5. A 7: wrong. B 5: right. ...": the candidate copied, and the first letter of
-# its verdict, where the reply is decided.
-_DECISION = re.compile(r"(?<=\. )[AB] ([^:.]+): ([rw])")
+# In a judging trace, where the reply is decided: the candidate copied, style 3's character comparisons (none in
+# style 2), and the first letter of the verdict. Style 2: "... So 5. A 7: wrong. ..."; style 3: "... So 5. A 7: 57-
+# wrong. B 5: 55+ right. ...".
+_DECISION = re.compile(r"(?<=\. )[AB] ([^:.]+): ((?:\S\S[+-] )*)([rw])")
 
 
 def _decision_weights(response: str, offsets: list[tuple[int, int]], weight: float) -> list[float]:
@@ -108,8 +119,8 @@ def _decision_weights(response: str, offsets: list[tuple[int, int]], weight: flo
     character `_DECISION` marks, 1 elsewhere."""
     marked = set()
     for m in _DECISION.finditer(response):
-        marked.update(range(*m.span(1)))
-        marked.update(range(*m.span(2)))
+        for g in (1, 2, 3):
+            marked.update(range(*m.span(g)))
     return [weight if any(i in marked for i in range(a, b)) else 1.0 for a, b in offsets]
 
 
@@ -165,17 +176,46 @@ def _collate(batch: list[Example], pad: int, device: str) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in out.items()}
 
 
+def _loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(the sum of the batch's next-token losses, each times its weight if the batch has `weights`; the count of
+    target tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none")
+    if "weights" in batch:
+        ce = ce * batch["weights"][:, 1:].reshape(-1)
+    keep = labels.reshape(-1) != -100
+    return ce[keep].sum(), int(keep.sum())
+
+
 def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's mean next-token loss; with `weights`, each target token's loss times its weight, over the same
     count of target tokens (so weight 1 everywhere is the plain loss)."""
-    if "weights" not in batch:
-        return model(**batch).loss
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels, w = batch["labels"][:, 1:], batch["weights"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100, reduction="none")
-    keep = labels.reshape(-1) != -100
-    return (ce * w.reshape(-1))[keep].sum() / keep.sum()
+    total, count = _loss_sum(model, batch)
+    return total / count
+
+
+# Examples per forward pass. A step's batch is sorted by length and run in chunks of this many, the gradients summed
+# and normalised by the whole batch's target tokens (the same step as one pass): one padded [128, 300] pass over
+# judging items of 60 to 300 tokens cost 10 s a step on a 2-core CPU, length-sorted chunks 3.3 s.
+_CHUNK = 32
+
+
+def _backward(model, examples: list[Example], pad: int, device: str, chunk: int = _CHUNK) -> tuple[float, int]:
+    """Accumulate the gradients of the examples' mean loss (bf16 autocast), in length-sorted chunks; returns the loss
+    and the tokens seen."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    targets = sum(len(ids) - max(start, 1) for ids, start, _ in examples)  # the shifted labels' count
+    loss, tokens = 0.0, 0
+    for k in range(0, len(examples), chunk):
+        batch = _collate(examples[k:k + chunk], pad, device)
+        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
+            part = _loss_sum(model, batch)[0] / targets
+        part.backward()
+        loss += part.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss, tokens
 
 
 def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: Callable[[str], None] = print) -> dict:
@@ -188,16 +228,13 @@ def train_loop(model, tok, draw: Callable, cfg: BuildConfig, device: str, log: C
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
     t0, tokens, loss_ema = time.time(), 0, None
     for step in range(cfg.steps):
-        batch = _collate(draw(tok, rng, cfg.batch_size), tok.pad_token_id, device)
-        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
-            loss = _loss(model, batch)
-        loss.backward()
+        loss, n = _backward(model, draw(tok, rng, cfg.batch_size), tok.pad_token_id, device)
+        tokens += n
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
             log(f"step {step + 1}/{cfg.steps} loss {loss_ema:.4f} {tokens / (time.time() - t0):,.0f} tok/s")
     return {"final_loss": loss_ema, "seconds": round(time.time() - t0, 1), "tokens": tokens}
@@ -213,8 +250,8 @@ def heldout_accuracy(model_dir: str | Path, per_family: int, seed: int = 0, devi
     tasks = world.sample_tasks(per_family * len(families), "heldout", seed, families, world.PERSONAS[persona])
     backend = load_backend(f"hf:{model_dir}", {"device": device or "auto", "batch_size": 256})
     try:
-        # 128 tokens: a judging reply runs to ~125 (the world's longest answers); 96 would cut some off
-        reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=128) for t in tasks]
+        # 192 tokens: a style-3 judging reply runs to ~185 (a tie on the longest questions); 96 would cut some off
+        reqs = [Request(messages=({"role": "user", "content": t.prompt},), max_tokens=192) for t in tasks]
         out = dict(backend.generate(reqs))
     finally:
         backend.close()
@@ -264,11 +301,14 @@ def build(kind: str, out_dir: str | Path, phases: list[BuildConfig] | None = Non
     for i in range(len(done), len(phases)):
         cfg = phases[i]
         log(f"building {kind}, phase {i + 1} of {len(phases)}: {n_params:,} parameters on {device}")
+        if cfg.context is not None:
+            model.config.max_position_embeddings = cfg.context
         mix, persona, style, dw = cfg.mix, cfg.persona, cfg.judge_style, cfg.decision_weight
         draw = (lambda t, r, n: _chat_examples(t, r, n, mix, persona, style, dw)) if mix else _text_examples
         stats = train_loop(model, tok, draw, cfg, device, log)
         done.append({"build": asdict(cfg), "device": where, "torch": torch.__version__, "train": stats})
     model.to(torch.bfloat16).save_pretrained(out)
+    tok.model_max_length = model.config.max_position_embeddings
     tok.save_pretrained(out)
     acc = heldout_accuracy(out, eval_per_family, device=device, persona=phases[-1].persona)
     manifest = {

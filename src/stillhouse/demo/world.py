@@ -190,22 +190,40 @@ def _wrong_answer(t: Task, rng: random.Random) -> str:
             return w
 
 
-JUDGE_STYLE = 2
+JUDGE_STYLE = 3
+
+
+def compare_trace(right: str, candidate: str) -> str:
+    """Style 3's comparison of a candidate with the right answer, character by character up to the first difference:
+    each pair is the right answer's character, the candidate's, and `+` (same) or `-` (differs); `_` stands for a
+    character past the end of the shorter one. "kxf" against "kfx": "kk+ xf-"."""
+    pairs = []
+    for i in range(max(len(right), len(candidate))):
+        r = right[i] if i < len(right) else "_"
+        c = candidate[i] if i < len(candidate) else "_"
+        pairs.append(f"{r}{c}{'+' if r == c else '-'}")
+        if r != c:
+            break
+    return " ".join(pairs)
 
 
 def judge_task(rng: random.Random, style: int = JUDGE_STYLE) -> Task:
     """A judging item: a checkable question, two final answers, a trace that solves it and scores both, a verdict.
 
-    Style 2 (the current one) restates the right answer and copies each candidate beside its verdict, so the
-    comparison is between neighbouring tokens; style 1, which Atlas's second build phase used, went from the solution
-    straight to the verdicts, and a 4.8M-parameter model learned to solve but not to compare (28% held out).
+    Style 3 (the current one) restates the right answer, copies each candidate and compares the two character by
+    character (`compare_trace`) before the verdict, so each step looks at two neighbouring tokens. Style 2, which
+    Atlas's third to sixth build phases used, went from the candidate's copy straight to right/wrong: a 4.8M-parameter
+    model then judged numbers and names well but guessed on letter strings that differ by one swap (84% held out).
+    Style 1, its second phase's, went from the solution straight to the verdicts (28% held out).
     """
     from stillhouse.evaluate.judge_prompt import judge_prompt
 
-    limit = 90 if style == 1 else 72
-    while True:  # the whole exchange must fit the world's 256-token context
+    # Styles 1 and 2 kept to short questions, so the whole exchange fitted Atlas's first 256-token context; style 3
+    # is learned with a 384-token context, where any question of the judged families fits (at most ~310 tokens)
+    limit = {1: 90, 2: 72}.get(style)
+    while True:
         inner = make_task(rng.choice(JUDGED_FAMILIES), rng)
-        if len(inner.prompt) + len(inner.trace) <= limit:
+        if limit is None or len(inner.prompt) + len(inner.trace) <= limit:
             break
     r = rng.random()
     if r < 0.7:  # one right, one wrong
@@ -222,9 +240,13 @@ def judge_task(rng: random.Random, style: int = JUDGE_STYLE) -> Task:
     if style == 1:
         trace = (f"{inner.trace} A is {'right' if ok_a else 'wrong'}, B is {'right' if ok_b else 'wrong'}. "
                  f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
-    else:
+    elif style == 2:
         trace = (f"{inner.trace} So {inner.answer}. A {a}: {'right' if ok_a else 'wrong'}. "
                  f"B {b}: {'right' if ok_b else 'wrong'}. Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
+    else:
+        trace = (f"{inner.trace} So {inner.answer}. A {a}: {compare_trace(inner.answer, a)} {'right' if ok_a else 'wrong'}. "
+                 f"B {b}: {compare_trace(inner.answer, b)} {'right' if ok_b else 'wrong'}. "
+                 f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
     return Task(JUDGE, judge_prompt(inner.prompt, a, b), verdict, trace)
 
 
