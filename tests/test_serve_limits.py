@@ -122,3 +122,22 @@ def test_api_keys_are_compared_in_constant_time(tiny_models, monkeypatch):
         assert httpx.get(url + "/models", headers={"authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(url + "/models", headers={"authorization": "Bearer k-9"}).status_code == 200
     assert (b"Bearer nope", b"Bearer k-9") in calls
+
+
+def test_an_idle_connection_outlives_the_clients_own_keep_alive(server):
+    """A keep-alive connection left idle past httpx's (and the openai client's) 5 s expiry is still open: the server
+    never closes one that a client may be about to reuse (with uvicorn's default 5 s, a client sending just then got a
+    connection reset under load)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(server).hostname, urlsplit(server).port
+    with socket.create_connection((host, port), timeout=30) as s:
+        def get() -> bytes:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            return s.recv(4096)
+
+        assert get().startswith(b"HTTP/1.1 200")
+        time.sleep(httpx.Limits().keepalive_expiry + 1.5)
+        assert get().startswith(b"HTTP/1.1 200")  # the same connection, still served

@@ -39,13 +39,21 @@ def build(model_dir: str, model_name: str | None = None, api_key_env: str | None
     return engine, create_app(engine, name, api_key=key, max_body_bytes=max_body_bytes)
 
 
+# How long an idle keep-alive connection stays open. uvicorn's default, 5 s, is also httpx's (and so the openai
+# client's) idle expiry: a client that sends its next request on a connection just as the server closes it gets a
+# connection reset instead of an answer (seen as httpx.ReadError under 512 concurrent clients on a loaded machine).
+# A server that waits longer than its clients do never closes a connection they are about to reuse.
+KEEP_ALIVE_S = 30
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn lets requests in flight finish before it exits."""
     import uvicorn
 
     engine, app = build(model_dir, **kw)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                    timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         engine.close()
 
@@ -58,7 +66,7 @@ def running(model_dir: str, **kw) -> Iterator[str]:
     engine, app = build(model_dir, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
