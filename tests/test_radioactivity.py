@@ -199,6 +199,36 @@ def test_reference_entropies_match_a_direct_forward_pass(tiny_models):
     assert ent[0] == pytest.approx(want, abs=1e-4)
     assert ent[1][0] == pytest.approx(math.log(p.shape[-1]), abs=1e-4)  # no context at all: uniform
     assert all(0 <= h <= math.log(p.shape[-1]) + 1e-4 for row in ent for h in row)
+    # with the position after the text (where the model chose to stop), and for an empty text
+    from stillhouse.audit.radioactivity import next_token_distributions
+
+    d = list(next_token_distributions(model_dir, tok, [prefix, [], []], [texts[0], [], []], extra=1, batch_size=2))
+    assert d[0].shape[0] == len(texts[0]) + 1 and torch.allclose(d[0], p[len(prefix) - 1:len(prefix) + len(texts[0])],
+                                                                 atol=1e-5)
+    assert d[1].shape[0] == 1 and torch.allclose(d[1][0], torch.full_like(d[1][0], 1 / p.shape[-1]))
+    assert [x.shape[0] for x in next_token_distributions(model_dir, tok, [[]], [[]])] == [0]
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_lefthash_processors_for_many_keys_are_those_the_key_builds(width):
+    """Null keys reuse one constructed lefthash processor with their own key (the processor's permutation table is
+    selfhash's alone): every green list and seed is the one a processor built from that key gives."""
+    import torch
+    from transformers import WatermarkingConfig
+
+    from stillhouse.watermark import _FIELDS
+
+    rng = random.Random(width)
+    for _ in range(5):
+        key = {**KEY, "context_width": width, "hashing_key": rng.getrandbits(63)}
+        fresh = WatermarkingConfig(**{f: key[f] for f in _FIELDS}).construct_processor(VOCAB, "cpu")
+        lists = GreenLists(key, VOCAB)
+        for _ in range(20):
+            ctx = tuple(rng.randrange(VOCAB) for _ in range(width))
+            assert lists.processor._get_greenlist_ids(torch.tensor(ctx)).tolist() == \
+                fresh._get_greenlist_ids(torch.tensor(ctx)).tolist()
+            fresh.set_seed(torch.tensor(ctx))
+            assert lists.seed(ctx, 0) == fresh.rng.initial_seed()
 
 
 def _whitebox_with(monkeypatch, tiny_models, bias: float):
