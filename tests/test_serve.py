@@ -205,3 +205,30 @@ def test_bad_serve_options_fail_with_one_clear_line(tiny_models, args, says):
     r = subprocess.run([*STILLHOUSE, "serve", str(tiny_models["teacher"]), *args], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and says in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_a_watermarked_servers_logprobs_are_the_models_own_and_say_so(tiny_models, tmp_path):
+    """Logprobs describe the model's distribution before the watermark's bias (the header says so): the first
+    answer token's top logprobs equal the raw model's, although that token was chosen from biased scores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.watermark import keygen
+
+    key = tmp_path / "wm.json"
+    keygen(key, bias=8.0)
+    model = str(tiny_models["teacher"])
+    with running(model, model_name="tiny", watermark=str(key), dtype="float32") as url:
+        r = httpx.post(url + "/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": MSG, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 5})
+    assert r.status_code == 200 and r.headers["X-Stillhouse-Logprobs"].startswith("model; before watermark")
+    first = r.json()["choices"][0]["logprobs"]["content"][0]
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok.apply_chat_template(MSG, add_generation_prompt=True, return_dict=True)["input_ids"]
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        raw = lm(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    want = raw.topk(5).values.tolist()
+    assert [x["logprob"] for x in first["top_logprobs"]] == pytest.approx(want, abs=1e-4)
+    chosen = tok.get_vocab()[first["token"]]  # the token the biased scores chose, at its unbiased logprob
+    assert first["logprob"] == pytest.approx(float(raw[chosen]), abs=1e-4)

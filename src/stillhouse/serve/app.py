@@ -146,6 +146,12 @@ class CompletionRequest(_Sampling):
                              "or a list of token-id lists") from None
 
 
+# Which distribution the `logprobs` in an answer describe, said on every completion: the model's own next-token
+# distribution at temperature 1, taken before a watermark's green-list bias, repetition penalties, temperature and
+# top-k/top-p/min-p, so a watermarked server samples its tokens from scores its logprobs do not show.
+LOGPROBS_HEADER = {"X-Stillhouse-Logprobs": "model; before watermark, penalties, temperature, top-k, top-p, min-p"}
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; requests need `Bearer api_key` when one is set."""
     app = FastAPI(title="stillhouse serve", docs_url=None, redoc_url=None)
@@ -270,7 +276,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             for k, f in enumerate(futures):
                 f.add_done_callback(lambda f, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, f)))
             return StreamingResponse(_chat_stream(cid, created, model_name, events, futures, len(ids), chat_logprobs),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=LOGPROBS_HEADER)
         results = await run(reqs)
         usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.token_ids) for r in results),
                  "total_tokens": len(ids) + sum(len(r.token_ids) for r in results)}
@@ -281,7 +287,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                              "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
                                           "logprobs": chat_logprobs(r), "finish_reason": r.finish_reason}
                                          for k, r in enumerate(results)],
-                             "usage": usage})
+                             "usage": usage}, headers=LOGPROBS_HEADER)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest):
@@ -348,7 +354,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                              "created": int(time.time()), "model": model_name, "system_fingerprint": engine.fingerprint,
                              "choices": choices,
-                             "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+                             "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}},
+                            headers=LOGPROBS_HEADER)
 
     return app
 
