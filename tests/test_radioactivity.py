@@ -179,7 +179,7 @@ def test_positions_the_reference_was_sure_of_are_left_out():
     assert res.key.skipped_low_entropy == kept.skipped_low_entropy and res.false_positive_rate(1e-3) <= 0.04
 
 
-def test_reference_entropies_match_a_direct_forward_pass(tiny_models):
+def test_reference_entropies_match_a_direct_forward_pass(tiny_models, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,6 +207,12 @@ def test_reference_entropies_match_a_direct_forward_pass(tiny_models):
                                                                  atol=1e-5)
     assert d[1].shape[0] == 1 and torch.allclose(d[1][0], torch.full_like(d[1][0], 1 / p.shape[-1]))
     assert [x.shape[0] for x in next_token_distributions(model_dir, tok, [[]], [[]])] == [0]
+    # a logits budget that fits one text at a time gives the same rows
+    from stillhouse.audit import radioactivity as rad
+
+    monkeypatch.setattr(rad, "_LOGITS_BUDGET", 1)
+    one_by_one = reference_entropies(model_dir, tok, prompts, texts)
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(one_by_one, ent)) and len(one_by_one) == len(ent)
 
 
 @pytest.mark.parametrize("width", [1, 2])

@@ -267,6 +267,11 @@ def _chat_prefix(tok, prompt: str | None) -> list[int]:
     return tok(prompt, add_special_tokens=False)["input_ids"]
 
 
+# The most logits one forward pass of `next_token_distributions` may hold (rows x positions x vocabulary, float32:
+# 256 MiB): 32 texts at once for a small vocabulary, one or two for a 150K-token one.
+_LOGITS_BUDGET = 64 * 2**20
+
+
 def next_token_distributions(model_dir: str, tok, prefixes: list[list[int]], texts: list[list[int]],
                              batch_size: int = 32, extra: int = 0):
     """Yield, text by text, the model's next-token distribution (float32, [len(text) + extra, vocab]) before each of
@@ -277,6 +282,9 @@ def next_token_distributions(model_dir: str, tok, prefixes: list[list[int]], tex
 
     model = _model(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    longest = max((len(p) + len(t) for p, t in zip(prefixes, texts)), default=1)
+    vocab = model.config.get_text_config().vocab_size
+    batch_size = max(1, min(batch_size, _LOGITS_BUDGET // (max(1, longest) * vocab)))
     with torch.inference_mode():
         for b in range(0, len(texts), batch_size):
             rows = [prefixes[i] + texts[i] for i in range(b, min(b + batch_size, len(texts)))]
