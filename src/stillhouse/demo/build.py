@@ -186,7 +186,12 @@ def _loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]
     if "weights" in batch:
         ce = ce * batch["weights"][:, 1:].reshape(-1)
     keep = labels.reshape(-1) != -100
-    return ce[keep].sum(), int(keep.sum())
+    return ce[keep].sum(), _targets(batch)
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    """The batch's target tokens: labels off the loss (-100) left out, after the shift by one."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -206,10 +211,10 @@ def _backward(model, examples: list[Example], pad: int, device: str, chunk: int 
     """Accumulate the gradients of the examples' mean loss (bf16 autocast), in length-sorted chunks; returns the loss
     and the tokens seen."""
     examples = sorted(examples, key=lambda e: len(e[0]))
-    targets = sum(len(ids) - max(start, 1) for ids, start, _ in examples)  # the shifted labels' count
+    batches = [_collate(examples[k:k + chunk], pad, device) for k in range(0, len(examples), chunk)]
+    targets = sum(_targets(b) for b in batches)
     loss, tokens = 0.0, 0
-    for k in range(0, len(examples), chunk):
-        batch = _collate(examples[k:k + chunk], pad, device)
+    for batch in batches:
         with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
             part = _loss_sum(model, batch)[0] / targets
         part.backward()

@@ -240,12 +240,12 @@ def judge_task(rng: random.Random, style: int = JUDGE_STYLE) -> Task:
     if style == 1:
         trace = (f"{inner.trace} A is {'right' if ok_a else 'wrong'}, B is {'right' if ok_b else 'wrong'}. "
                  f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
-    elif style == 2:
-        trace = (f"{inner.trace} So {inner.answer}. A {a}: {'right' if ok_a else 'wrong'}. "
-                 f"B {b}: {'right' if ok_b else 'wrong'}. Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
     else:
-        trace = (f"{inner.trace} So {inner.answer}. A {a}: {compare_trace(inner.answer, a)} {'right' if ok_a else 'wrong'}. "
-                 f"B {b}: {compare_trace(inner.answer, b)} {'right' if ok_b else 'wrong'}. "
+        def judged(candidate: str, ok: bool) -> str:  # style 3 compares before the verdict, style 2 goes straight to it
+            compared = f"{compare_trace(inner.answer, candidate)} " if style == 3 else ""
+            return f"{candidate}: {compared}{'right' if ok else 'wrong'}"
+
+        trace = (f"{inner.trace} So {inner.answer}. A {judged(a, ok_a)}. B {judged(b, ok_b)}. "
                  f"Scores: A {9 if ok_a else 2}, B {9 if ok_b else 2}.")
     return Task(JUDGE, judge_prompt(inner.prompt, a, b), verdict, trace)
 
