@@ -151,8 +151,22 @@ class LoraSpec(_Strict):
     target_modules: str | list[str] = "all-linear"
 
 
+class KDSpec(_Strict):
+    """Logit distillation from the teacher's logprobs in the ledger (generate with top_logprobs)."""
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); "
+                                  "jsd: beta * KL(teacher || m) + (1 - beta) * KL(student || m)")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the divergence; 1 - alpha stays on the sampled "
+                                                      "tokens' cross-entropy")
+    beta: float = Field(0.5, gt=0, lt=1, description="the teacher's weight in the jsd mixture")
+    min_aligned: float = Field(0.5, ge=0, le=1, description="refuse the run if fewer of the samples with logprobs "
+                                                            "line up with the student's tokenizer")
+
+
 class TrainSpec(_Strict):
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "kd"] = Field("sft", description="sft: the teacher's answers as text; kd: also its "
+                                                            "next-token distributions (the kd section)")
+    kd: KDSpec = Field(default_factory=KDSpec)
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, ge=1)

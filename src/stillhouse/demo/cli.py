@@ -19,7 +19,9 @@ def add_commands(app: typer.Typer) -> None:
 def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="run directory"),
          force: bool = typer.Option(False, "--force", help="redo stages even if they finished with the same inputs"),
          in_process: bool = typer.Option(False, "--in-process",
-                                         help="run Atlas inside this process (the `hf` backend) instead of serving it")
+                                         help="run Atlas inside this process (the `hf` backend) instead of serving it"),
+         recipe_path: Path = typer.Option(None, "--recipe", help="a variation of the demo's recipe to run instead "
+                                          "(a copy of src/stillhouse/demo/recipe.yaml, edited)")
          ) -> None:
     """Distil Atlas, the embedded teacher, into the embedded base model, then evaluate and report.
 
@@ -38,8 +40,9 @@ def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="r
     from stillhouse.ui import console
 
     overrides = {"run_dir": str(out)}
+    path = recipe_path or DEMO_RECIPE
     if in_process:
-        print_headline(run_all(load_recipe(DEMO_RECIPE, overrides=overrides), force=force))
+        print_headline(run_all(load_recipe(path, overrides=overrides), force=force))
         return
     from stillhouse.models import count_parameters, resolve_model
     from stillhouse.serve import subprocess_server
@@ -48,19 +51,21 @@ def demo(ctx: typer.Context, out: Path = typer.Option(Path("runs/demo"), help="r
     key = out / "atlas-watermark-key.json"  # the provider's secret; kept so later audits can use it
     if not key.exists():
         keygen(key)
-    recipe = load_recipe(DEMO_RECIPE, overrides=overrides)
+    recipe = load_recipe(path, overrides=overrides)
     with subprocess_server("stillhouse:atlas", "--model-name", "atlas", "--watermark", str(key),
                            "--max-batch", "256") as url:
         console.print(f"Atlas served at {url} with watermark key {key}")
         teacher = recipe.teacher.model_dump()
+        top = recipe.teacher.options.get("top_logprobs")  # the recipe's hf option, asked of the server instead
         teacher.update(spec="openai:atlas", options={"base_url": url, "concurrency": 256, "timeout": 600,
-                                                     "api_key_required": False},
+                                                     "api_key_required": False,
+                                                     **({"logprobs": True, "top_logprobs": top} if top else {})},
                        parameters=count_parameters(resolve_model("stillhouse:atlas")))
         extra = {"teacher": teacher}
         if "audit" in recipe.extensions:  # the provider's key: the audit's watermark test
             extra["audit"] = {**recipe.extensions["audit"].model_dump(exclude_unset=True),
                               "watermark_key": str(key)}
-        recipe = load_recipe(DEMO_RECIPE, overrides={**overrides, **extra})
+        recipe = load_recipe(path, overrides={**overrides, **extra})
         print_headline(run_all(recipe, force=force))
 
 

@@ -18,7 +18,7 @@ class TrainStage(Stage):
     always = True
 
     def config(self, recipe) -> dict:
-        return {"students": [{"name": s.name, "base": s.base, "train": recipe.train_for(s).model_dump()}
+        return {"students": [{"name": s.name, "base": s.base, "train": _settings(recipe.train_for(s))}
                              for s in recipe.students]}
 
     def check(self, recipe, run) -> None:
@@ -28,6 +28,8 @@ class TrainStage(Stage):
         for s in recipe.students:  # every base checked before any training
             resolve_model(s.base)
         require_columns(run.curated, ("messages",))
+        if any(recipe.train_for(s).method == "kd" for s in recipe.students):
+            _teacher_logprobs(run, check=True)
 
     def execute(self, recipe, run) -> StageResult:
         import json
@@ -41,6 +43,8 @@ class TrainStage(Stage):
 
         data_hash = self.inputs(recipe, run)["curated"]
         rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
+        kd_logprobs = (_teacher_logprobs(run) if any(recipe.train_for(s).method == "kd" for s in recipe.students)
+                       else None)
         bases = {s.name: resolve_model(s.base) for s in recipe.students}  # every base checked before any training
         dirs, per = [], {}
         for student in recipe.students:
@@ -54,22 +58,57 @@ class TrainStage(Stage):
 
                 result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
                              batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
-                             device=t.device, lora=t.lora.model_dump() if t.lora else None, on_step=on_step)
+                             device=t.device, lora=t.lora.model_dump() if t.lora else None, on_step=on_step,
+                             **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}))
             shutil.rmtree(out / "_trainer", ignore_errors=True)
             (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
             (out / "stillhouse_provenance.json").write_text(json.dumps(
                 {"teacher": recipe.teacher.spec, "student": student.name, "base": student.base, "data_hash": data_hash,
                  "samples": len(rows), "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
-                 "train": t.model_dump()}, indent=2) + "\n")
+                 "train": _settings(t)}, indent=2) + "\n")
             per[student.name] = {"steps": result.steps, "parameters": result.parameters,
                                  "trainable_parameters": result.trainable_parameters,
                                  "base_parameters": count_parameters(bases[student.name]),
                                  "final_loss": result.final_loss, "dropped_too_long": result.dropped_too_long,
-                                 "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
+                                 "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                                 **({"kd": result.kd} if result.kd else {})}
             dirs.append(out)
         first = per[recipe.students[0].name]
         counts = {"samples": len(rows), **first, "students": per}
         return StageResult({"students": dirs}, counts)
+
+
+def _settings(t) -> dict:
+    """A student's training settings; the kd section only where it is used (an SFT run's hash stays what it was)."""
+    d = t.model_dump()
+    if t.method != "kd":
+        d.pop("kd")
+    return d
+
+
+def _teacher_logprobs(run, check: bool = False) -> list[list[dict] | None]:
+    """Per curated row, the teacher's per-token logprobs from the ledger (None for a row without them: a pair curation
+    added, or a call made without logprobs). `check`: refuse now, before any training, if no row has them."""
+    import pyarrow.parquet as pq
+
+    from stillhouse.calls.ledger import Ledger
+    from stillhouse.errors import StillhouseError
+
+    names = pq.read_schema(run.curated).names
+    keys = pq.read_table(run.curated, columns=["ledger_key"])["ledger_key"].to_pylist() if "ledger_key" in names else []
+    found = {}
+    if any(keys) and run.ledger.exists():
+        led = Ledger(run.ledger)
+        try:
+            found = led.get_many(k for k in keys if k)
+        finally:
+            led.close()
+    out = [(found[k].completion.extra.get("logprobs") or None) if k in found else None for k in keys]
+    if check and not any(out):
+        raise StillhouseError("train.method kd learns from the teacher's logprobs, and the ledger has none for the "
+                              f"curated samples in {run.curated}: generate with them (teacher.options: logprobs: true, "
+                              "top_logprobs: 20 for an OpenAI-compatible teacher; top_logprobs: 20 for an hf one)")
+    return out or [None] * pq.read_metadata(run.curated).num_rows
 
 
 def _model_card(recipe, student, t, data_hash: str, result, n: int) -> str:
@@ -81,7 +120,7 @@ tags: [stillhouse, distillation, sft]
 
 Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{student.base}`.
 
-- Method: supervised fine-tuning on the teacher's answers (loss on the answers only){' with LoRA r=' + str(t.lora.r) if t.lora else ''}
+- Method: {_method_line(t, result)}{' with LoRA r=' + str(t.lora.r) if t.lora else ''}
 - Training data: {n} samples, `data/curated.parquet` (card: `data/README.md`) with hash `{data_hash}`
 - Epochs {t.epochs}, learning rate {t.learning_rate}, batch size {t.batch_size}, seed {t.seed}
 - Parameters: {result.parameters:,}; {result.steps} steps in {result.seconds:.1f} s; final loss {result.final_loss}
@@ -90,6 +129,15 @@ Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{student
 
 {_terms_section(recipe)}
 """
+
+
+def _method_line(t, result) -> str:
+    if t.method != "kd":
+        return "supervised fine-tuning on the teacher's answers (loss on the answers only)"
+    k = result.kd or {}
+    return (f"logit distillation ({t.kd.loss}, alpha {t.kd.alpha}) towards the teacher's top-k logprobs on "
+            f"{k.get('samples_aligned', 0)} of {k.get('samples', 0)} samples ({k.get('tokens_with_teacher_distribution', 0):,} "
+            "answer tokens), cross-entropy on the teacher's answers for all")
 
 
 def _terms_section(recipe) -> str:

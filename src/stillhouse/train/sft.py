@@ -19,6 +19,7 @@ class SFTResult:
     tokens_per_second: float
     final_loss: float | None
     dropped_too_long: int = 0
+    kd: dict | None = None  # logit distillation: how many samples and tokens had the teacher's distribution
 
 
 # Padding-free batches on CPU. TRL's `padding_free=True` flattens a batch into one row with `position_ids` restarting at 0
@@ -94,11 +95,15 @@ def _as_prompt_completion(rows: list[dict]) -> list[dict]:
 
 def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, learning_rate: float, batch_size: int,
         max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
-        on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True) -> SFTResult:
+        on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True,
+        kd: dict | None = None, teacher_logprobs: list[list[dict] | None] | None = None) -> SFTResult:
     """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`.
 
     `padding_free` (the default) trains on each batch flattened into one row without pad tokens (same samples per
-    step, same loss); `False` pads each batch to its longest sample as before."""
+    step, same loss); `False` pads each batch to its longest sample as before.
+
+    `kd` (loss, alpha, beta, min_aligned: `stillhouse.train.kd`) adds logit distillation towards
+    `teacher_logprobs`, the ledger's per-token logprob entries of each row's answer (None where there are none)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -117,12 +122,32 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
                                  target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
     # Over-long samples are dropped rather than truncated: a cut-off answer teaches the student to stop mid-answer.
-    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
-               for r in rows]
+    if kd is None:
+        lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+                   for r in rows]
+    else:
+        encoded = [_encode(tok, r["messages"]) for r in rows]
+        lengths = [len(ids) for ids, _ in encoded]
     kept = [r for r, n in zip(rows, lengths) if n <= max_length]
     if not kept:
         raise ValueError(f"every sample is longer than max_length={max_length} tokens")
-    data = Dataset.from_list(_as_prompt_completion(kept))
+    trainer_class, extra, kd_counts = SFTTrainer, {}, None
+    if kd is None:
+        data = Dataset.from_list(_as_prompt_completion(kept))
+    else:
+        from stillhouse.train.kd import align, check_alignment, kd_trainer_class
+
+        keep = [n <= max_length for n in lengths]
+        enc = [e for e, k in zip(encoded, keep) if k]
+        lps = [lp for lp, k in zip(teacher_logprobs or [None] * len(rows), keep) if k]
+        a = align([(ids[n:], r["messages"][-1]["content"], lp) for (ids, n), r, lp in zip(enc, kept, lps)], tok)
+        check_alignment(a, kd.get("min_aligned", 0.5))
+        data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * n + ids[n:], "kd_ids": a.ids[k],
+                                   "kd_logprobs": a.logprobs[k]} for k, (ids, n) in enumerate(enc)])
+        trainer_class = kd_trainer_class()
+        extra = {"kd": {k: kd[k] for k in ("loss", "alpha", "beta")}}
+        kd_counts = {"samples": len(kept), "samples_with_logprobs": a.samples_with_logprobs,
+                     "samples_aligned": a.samples_aligned, "tokens_with_teacher_distribution": a.tokens}
     args = SFTConfig(
         output_dir=str(Path(out_dir) / "_trainer"),
         num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
@@ -134,6 +159,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         gradient_checkpointing=False, bf16=use_cuda, use_cpu=not use_cuda,
         completion_only_loss=True, logging_steps=5, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=kd is None,  # the teacher's slots ride beside the tokens to the KD collator
     )
 
     class _Progress(TrainerCallback):
@@ -147,8 +173,8 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
             if on_step:
                 on_step(state.global_step, state.max_steps, _Progress.loss)
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
-                         callbacks=[_Progress()])
+    trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
+                            callbacks=[_Progress()], **extra)
     trainer.remove_callback(PrinterCallback)  # progress goes to our bar, not to printed dicts
     t0 = time.time()
     out = trainer.train()
@@ -167,5 +193,17 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=trainable,
         steps=out.global_step, seconds=round(seconds, 2), tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
-        final_loss=_Progress.loss, dropped_too_long=len(rows) - len(kept),
+        final_loss=_Progress.loss, dropped_too_long=len(rows) - len(kept), kd=kd_counts,
     )
+
+
+def _encode(tok, messages: list[dict]) -> tuple[list[int], int]:
+    """A chat sample's token ids and where its answer starts, as TRL's prompt/completion tokenization makes them
+    (the prompt with the generation prompt; the answer from where prompt and full conversation diverge)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("each sample's messages must end with the assistant's answer")
+    prompt = tok.apply_chat_template(list(messages[:-1]), add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = tok.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"]
+    prompt = prompt["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    return list(full), n
