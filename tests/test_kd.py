@@ -190,6 +190,7 @@ curate: {{filters: [{{name: exact_dedup}}]}}
 student: {{base: "{tiny_models['base']}"}}
 train: {{method: kd, kd: {{loss: jsd, alpha: 0.5, min_aligned: 0.0}}, epochs: 1, learning_rate: 0.001, batch_size: 4,
          max_length: 128}}
+evaluate: {{n_per_family: 1, max_tokens: 8}}
 """)
 
 
@@ -200,7 +201,7 @@ def test_the_train_stage_distils_from_the_ledgers_logprobs(tiny_models, tmp_path
 
     r = _kd_recipe(tmp_path, tiny_models, "top_logprobs: 5")
     run = open_run(r)
-    for stage in ("generate", "curate", "train"):
+    for stage in ("generate", "curate", "train", "evaluate", "report"):
         get_stage(stage).run(r, run)
     counts = json.loads((run.root / "stages" / "train.json").read_text())["counts"]
     kd = counts["students"]["student"]["kd"]
@@ -211,6 +212,9 @@ def test_the_train_stage_distils_from_the_ledgers_logprobs(tiny_models, tmp_path
     card = (run.root / "student" / "README.md").read_text()
     assert "logit distillation (jsd, alpha 0.5)" in card
     assert json.loads((run.root / "student" / "stillhouse_provenance.json").read_text())["train"]["kd"]["loss"] == "jsd"
+    report = (run.root / "report.html").read_text()
+    assert (f"student: logit distillation towards the teacher's logprobs on {kd['samples_aligned']} of "
+            f"{kd['samples']} samples") in report
 
 
 def test_distillation_without_logprobs_in_the_ledger_is_refused_before_training(tiny_models, tmp_path):

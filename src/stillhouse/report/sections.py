@@ -284,6 +284,13 @@ def cost_quality(r: Run) -> str:
     if srows:
         body += "<h3>Students</h3>" + table(["student", "parameters", "× teacher", "training time", "steps",
                                              "final loss", "share kept", "share kept per $"], srows, "train-table")
+        kd = [(name, tr["kd"]) for name, tr in (trained.items() if isinstance(trained, dict) else [])
+              if isinstance(tr, dict) and isinstance(tr.get("kd"), dict)]
+        for name, k in kd:
+            body += (f'<p class="kd-note">{e(name)}: logit distillation towards the teacher\'s logprobs on '
+                     f"{count(k.get('samples_aligned'))} of {count(k.get('samples'))} samples "
+                     f"({count(k.get('tokens_with_teacher_distribution'))} answer tokens); the others "
+                     "(no logprobs, or an answer curation rewrote) were learned from their text alone.</p>")
     return section("cost-quality", "Cost against quality", body)
 
 
