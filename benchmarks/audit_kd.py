@@ -35,6 +35,10 @@ from audit_power import TRAIN, answers, open_prompts  # noqa: E402
 from training import heldout_accuracy, machine_speed  # noqa: E402
 
 
+FLOORS = (0.1, 0.5, 1.0, 1.5)  # entropy floors (nats) for the black-box grid
+PROBE_COUNTS = (250, 500, 1000)  # and probe counts (plus all of them)
+
+
 def answers_with_logprobs(prompts: list[str], watermark: str | None, top: int = 20) -> tuple[list[str], list[list[dict]]]:
     """Atlas's sampled answers and, per answer token, the engine's logprobs in the ledger's shape (ids and texts)."""
     from stillhouse.models import resolve_model
@@ -84,9 +88,9 @@ def main() -> None:
     plain = answers("stillhouse:atlas", prompts, temperature=1.0)
     # how far the reported distribution is from what the tokens were drawn from: the share of sampled answer tokens
     # that are green under the key, against the reported probability mass on green tokens at the same positions
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    from stillhouse.audit.radioactivity import GreenLists
+    from stillhouse.audit.radioactivity import GreenLists, radioactivity, reference_entropies
 
     gl = GreenLists(key, AutoConfig.from_pretrained(resolve_model("stillhouse:atlas")).vocab_size)
     sampled_green = reported_green = counted = 0  # at the positions where the watermark can move a token
@@ -101,6 +105,10 @@ def main() -> None:
     teacher = heldout_accuracy(resolve_model("stillhouse:atlas"))
     teacher_macro = sum(teacher.values()) / len(teacher)
     probes = open_prompts()[:args.probes]
+    atlas = resolve_model("stillhouse:atlas")
+    tok = AutoTokenizer.from_pretrained(atlas)
+    vocab = AutoConfig.from_pretrained(atlas).vocab_size
+    probe_ids = [tok(q, add_special_tokens=False)["input_ids"] for q in probes]
 
     def msgs(p, a):
         return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
@@ -128,9 +136,17 @@ def main() -> None:
         macro = sum(acc.values()) / len(acc)
         texts = answers(str(d), probes, temperature=1.0)
         bb, _ = score_texts(texts, probes, key, "stillhouse:atlas", null_keys=0, min_entropy=args.min_entropy)
+        # the same answers under stricter entropy floors and fewer probes: where in the text is the signal?
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ent = reference_entropies(atlas, tok, probes, ids)
+        grid = {}
+        for floor in FLOORS:
+            for q in [q for q in PROBE_COUNTS if q < len(probes)] + [len(probes)]:
+                keep = [[h >= floor for h in row] for row in ent[:q]]
+                grid[floor, q] = radioactivity(ids[:q], key, vocab, prompts=probe_ids[:q], null_keys=0, keep=keep).key
         wb = whitebox(str(d), key, "stillhouse:atlas", probes[:500], texts[:500], null_keys=0)
         r = {"label": label, "secs": secs, "kept": macro / teacher_macro, "acc": acc, "bb": bb.key, "wb": wb,
-             "kd": res.kd}
+             "kd": res.kd, "grid": grid}
         out.append(r)
         print(row, f"{secs:.0f} s", f"kept {r['kept']:.1%}", f"bb {bb.key.green}/{bb.key.scored} p {bb.key.p_value:.2g}",
               f"wb {wb.green_mass:.3f} p {wb.p_value:.2g}", res.kd, flush=True)
@@ -157,6 +173,15 @@ def main() -> None:
         lines.append(f"| {r['label']} | {r['secs']:.0f} | {r['kept']:.1%} | {r['bb'].green} / {r['bb'].scored} | "
                      f"{r['bb'].p_value:.2g} | {r['wb'].green_mass:.3f} ({r['wb'].expected:.3f}) | {r['wb'].p_value:.2g} | "
                      + " | ".join(f"{r['acc'].get(f, 0):.0%}" for f in families) + " |")
+    counts = [q for q in PROBE_COUNTS if q < len(probes)] + [len(probes)]
+    lines += ["", "Black-box, the same answers under stricter entropy floors and fewer probes (green / scored, exact p):", "",
+              "| student | entropy floor | " + " | ".join(f"{q} probes" for q in counts) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in counts) + " |"]
+    for r in out:
+        for floor in FLOORS:
+            lines.append(f"| {r['label']} | {floor} nats | " + " | ".join(
+                f"{r['grid'][floor, q].green} / {r['grid'][floor, q].scored} ({r['grid'][floor, q].p_value:.2g})"
+                for q in counts) + " |")
     kd_rows = [r for r in out if r["kd"]]
     if kd_rows:
         k = kd_rows[0]["kd"]
