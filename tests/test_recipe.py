@@ -30,6 +30,8 @@ def test_defaults_filled_and_dump_roundtrips():
     ("name: t\nteacher: [\n", "r.yaml:3: invalid YAML"),
     ("name: t\nteacher:\n  spec: hf:x\n", "r.yaml:1: recipe: a recipe needs a student"),
     ("- a\n- b\n", "r.yaml: a recipe must be a YAML mapping"),
+    (GOOD + "train:\n  kd: {alpha: 0.9}\n", "r.yaml:7: train: kd settings are given but method is 'sft'"),
+    (GOOD + "train:\n  method: kd\n  kd: {loss: kl}\n", "r.yaml:8: train.kd.loss: Input should be 'forward_kl'"),
 ])
 def test_bad_recipes_name_the_field_and_line(text, expected):
     with pytest.raises(StillhouseError) as e:

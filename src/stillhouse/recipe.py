@@ -176,6 +176,12 @@ class TrainSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lora: LoraSpec | None = None
 
+    @model_validator(mode="after")
+    def _kd_needs_its_method(self):
+        if self.method != "kd" and self.kd != KDSpec():  # (a dump writes the defaults; only a change is a mistake)
+            raise ValueError(f"kd settings are given but method is {self.method!r}: set method: kd to use them")
+        return self
+
 
 class StudentSpec(_Strict):
     name: str = Field("student", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
