@@ -35,6 +35,28 @@ from audit_power import TRAIN, answers, open_prompts  # noqa: E402
 from training import heldout_accuracy, machine_speed  # noqa: E402
 
 
+# Written from this run and the one before it (same command, another fresh key), so the table above can be read
+# against it; not re-measured by the script.
+NOTES = """**Reading.**
+
+- **The logprobs do not carry the watermark; the sampled tokens do.** At the free positions of Atlas's answers the
+  sampled tokens were 46.6% green (54.0% in the run before) while the reported distribution put 25.9% (27.8%) of its
+  mass there, near the 25% of chance.
+- **Distilling those logprobs washes the watermark out of the student's own distribution.** White-box green mass:
+  SFT on the watermarked text 0.304 (0.288 in the run before), against 0.248 (0.284) for KD at alpha 0.5 and
+  0.238 (0.262) at alpha 0.9; the student of the unwatermarked teacher 0.270 (0.265). The KD target pulls every
+  free position back to the raw distribution, so the more weight on it, the less of the watermark survives. A
+  provider that wants its watermark to survive distillation should report the watermarked distribution, or no
+  top-k at all; `stillhouse serve` reports the raw one and says so in the `X-Stillhouse-Logprobs` header.
+- **Black-box, no student here carries a measurable watermark in its text**, at any entropy floor or probe count:
+  green shares of 24-27% where chance is 24.5%, and the probes' distinct (context, token) draws saturate near 750
+  by 1,900 probes. This world's free text is a made-up name or short description per open answer (~1.3 free
+  tokens per training answer), too little for the 1M student to learn a context-dependent 2x preference from; the
+  p <= 1e-6 target needs a world with longer free answers and an Atlas rebuilt on it.
+- **Share kept**: KD at alpha 0.9 kept 88.2% and 82.8% in the two runs, against 83.2% and 81.3% for SFT on the
+  same text (alpha 0.5: 87.8%, 80.8%). Single runs of this student differ by several points (training.py's notes),
+  so two runs show a lean towards KD, not a measured gain."""
+
 FLOORS = (0.1, 0.5, 1.0, 1.5)  # entropy floors (nats) for the black-box grid
 PROBE_COUNTS = (250, 500, 1000)  # and probe counts (plus all of them)
 
@@ -187,6 +209,7 @@ def main() -> None:
         k = kd_rows[0]["kd"]
         lines += ["", f"KD rows: {k['samples_aligned']} of {k['samples']} answers lined up with the student's "
                       f"tokenizer ({k['tokens_with_teacher_distribution']:,} tokens with the teacher's distribution)."]
+    lines += ["", NOTES]
     write_section("audit_kd", "\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
 
