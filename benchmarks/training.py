@@ -47,7 +47,12 @@ NOTES = """Where a step goes (profiles taken while building it, demo data, this 
   2.5e-3: 85.0%; batch 32 at 3e-3: 78.7%, at 5e-3: 69.6%, at 4e-3 for 3 epochs: 71.7%, at 7e-3: diverged (35%);
   batch 64 at 4e-3 for 6 epochs: 86.7%. Fewer optimizer steps cost arith and capital first, so the demo stays at
   batch 8. The same recipe with training seeds 0 and 1 kept 75.8% and 84.6% (with identity pairs): single runs
-  differ by several points."""
+  differ by several points.
+- **Two more tries, not kept** (`sft()` with one change each, 2.6-3x machine, one run each): SDPA's math backend
+  instead of its CPU flash kernel, 1,000 demo rows x 1 epoch: 8.64 s against 8.95 s (within noise). TRL's
+  `torch_compile=True` (inductor), 3,000 rows x 4 epochs, the demo's training: 114 s against 96-105 s uncompiled;
+  the padding-free rows change length every step, and compiling and recompiling costs more than the fused kernels
+  save."""
 
 
 class Others:
