@@ -1,0 +1,84 @@
+"""Share of Atlas kept by SFT against logit distillation, over several training seeds, on the same teacher answers.
+
+    .venv/bin/python benchmarks/kd_share.py [--n 3000] [--seeds 0,1,2] [--alphas 0.9] [--top 5]
+
+Atlas answers the world's `--n` training prompts at T=1 through the serve engine (the demo's setting, no watermark),
+with its top-`--top` logprobs. For each seed, `stillhouse:base` is trained with the demo's settings on the answers'
+text (SFT) and, for each alpha, with `method: kd` (forward KL) on the text and the logprobs. Share kept: greedy
+accuracy on the 240 held-out tasks over Atlas's (`training.py`'s measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _md import write_section  # noqa: E402
+from audit_kd import answers_with_logprobs  # noqa: E402
+from audit_power import TRAIN  # noqa: E402
+from training import heldout_accuracy, machine_speed  # noqa: E402
+
+
+def main() -> None:
+    from stillhouse.demo import world
+    from stillhouse.models import resolve_model
+    from stillhouse.train.sft import sft
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--alphas", default="0.9")
+    ap.add_argument("--top", type=int, default=5)
+    args = ap.parse_args()
+    speed = machine_speed()
+    work = Path(tempfile.mkdtemp(prefix="kd_share_"))
+    t_start = time.time()
+    prompts = [t.prompt for t in world.sample_tasks(args.n, "train", 0)]
+    texts, lps = answers_with_logprobs(prompts, None, top=args.top)
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            for p, a in zip(prompts, texts)]
+    teacher = heldout_accuracy(resolve_model("stillhouse:atlas"))
+    teacher_macro = sum(teacher.values()) / len(teacher)
+    methods = ["sft"] + [f"kd{a}" for a in args.alphas.split(",")]
+    kept: dict[str, list[float]] = {m: [] for m in methods}
+    secs: dict[str, list[float]] = {m: [] for m in methods}
+    for seed in map(int, args.seeds.split(",")):
+        for m in methods:
+            d = work / f"{m}_{seed}"
+            t0 = time.time()
+            kd = {} if m == "sft" else {"kd": {"loss": "forward_kl", "alpha": float(m[2:]), "beta": 0.5,
+                                               "min_aligned": 0.5}, "teacher_logprobs": lps}
+            sft(rows, resolve_model("stillhouse:base"), d, **{**TRAIN, "seed": seed}, **kd)
+            secs[m].append(time.time() - t0)
+            acc = heldout_accuracy(str(d))
+            kept[m].append(sum(acc.values()) / len(acc) / teacher_macro)
+            print(m, seed, f"{kept[m][-1]:.1%}", f"{secs[m][-1]:.0f} s", flush=True)
+            shutil.rmtree(d, ignore_errors=True)
+    total = time.time() - t_start
+    seeds = args.seeds.split(",")
+    lines = ["## Training: SFT against logit distillation, share kept over seeds", "",
+             f"Command: `.venv/bin/python benchmarks/kd_share.py --n {args.n} --seeds {args.seeds} --alphas "
+             f"{args.alphas} --top {args.top}` ({platform.machine()}, {os.cpu_count()} CPU cores; {total / 60:.0f} min; "
+             f"`../shared/tools/machine-speed`: {speed}x the reference machine). Atlas's answers to {args.n} world "
+             f"training prompts at T=1 (no watermark) with its top-{args.top} logprobs; `stillhouse:base` trained "
+             f"with the demo's settings ({TRAIN}); share kept on the 240 held-out tasks (greedy).", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | lowest | train s (mean) |",
+             "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- |"]
+    for m in methods:
+        label = "SFT" if m == "sft" else f"KD, forward KL, alpha {m[2:]}"
+        lines.append(f"| {label} | " + " | ".join(f"{k:.1%}" for k in kept[m])
+                     + f" | {statistics.mean(kept[m]):.1%} | {min(kept[m]):.1%} | {statistics.mean(secs[m]):.0f} |")
+    write_section("kd_share", "\n".join(lines))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
