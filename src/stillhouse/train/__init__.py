@@ -28,8 +28,8 @@ class TrainStage(Stage):
         for s in recipe.students:  # every base checked before any training
             resolve_model(s.base)
         require_columns(run.curated, ("messages",))
-        if any(recipe.train_for(s).method == "kd" for s in recipe.students):
-            _teacher_logprobs(run, check=True)
+        if _distils(recipe):  # read once here, refused before the stage begins, used by execute
+            self._kd_logprobs = _teacher_logprobs(run, check=True)
 
     def execute(self, recipe, run) -> StageResult:
         import json
@@ -43,8 +43,9 @@ class TrainStage(Stage):
 
         data_hash = self.inputs(recipe, run)["curated"]
         rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
-        kd_logprobs = (_teacher_logprobs(run) if any(recipe.train_for(s).method == "kd" for s in recipe.students)
-                       else None)
+        kd_logprobs = self.__dict__.pop("_kd_logprobs", None)
+        if kd_logprobs is None and _distils(recipe):
+            kd_logprobs = _teacher_logprobs(run)
         bases = {s.name: resolve_model(s.base) for s in recipe.students}  # every base checked before any training
         dirs, per = [], {}
         for student in recipe.students:
@@ -78,6 +79,11 @@ class TrainStage(Stage):
         return StageResult({"students": dirs}, counts)
 
 
+def _distils(recipe) -> bool:
+    """Whether any student of the recipe learns from the teacher's logprobs."""
+    return any(recipe.train_for(s).method == "kd" for s in recipe.students)
+
+
 def _settings(t) -> dict:
     """A student's training settings; the kd section only where it is used (an SFT run's hash stays what it was)."""
     d = t.model_dump()
@@ -93,6 +99,7 @@ def _teacher_logprobs(run, check: bool = False) -> list[list[dict] | None]:
 
     from stillhouse.calls.ledger import Ledger
     from stillhouse.errors import StillhouseError
+    from stillhouse.train.kd import HOW_TO_GET_LOGPROBS
 
     names = pq.read_schema(run.curated).names
     keys = pq.read_table(run.curated, columns=["ledger_key"])["ledger_key"].to_pylist() if "ledger_key" in names else []
@@ -106,8 +113,7 @@ def _teacher_logprobs(run, check: bool = False) -> list[list[dict] | None]:
     out = [(found[k].completion.extra.get("logprobs") or None) if k in found else None for k in keys]
     if check and not any(out):
         raise StillhouseError("train.method kd learns from the teacher's logprobs, and the ledger has none for the "
-                              f"curated samples in {run.curated}: generate with them (teacher.options: logprobs: true, "
-                              "top_logprobs: 20 for an OpenAI-compatible teacher; top_logprobs: 20 for an hf one)")
+                              f"curated samples in {run.curated}: " + HOW_TO_GET_LOGPROBS)
     return out or [None] * pq.read_metadata(run.curated).num_rows
 
 

@@ -24,6 +24,8 @@ import torch
 from stillhouse.errors import StillhouseError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
+HOW_TO_GET_LOGPROBS = ("generate with them (teacher.options: logprobs: true, top_logprobs: 20 for an OpenAI-compatible "
+                       "teacher; top_logprobs: 20 for an hf one)")
 _EPS = 1e-6  # floor on a bucket's probability: the teacher's "rest" can round to <= 0, and log 0 has no gradient
 
 
@@ -122,8 +124,7 @@ def check_alignment(a: Alignment, min_aligned: float) -> None:
     """Refuse a run whose teacher tokens mostly do not match the student's tokenizer."""
     if a.samples_with_logprobs == 0:
         raise StillhouseError("train.method kd: none of the curated samples has the teacher's logprobs in the ledger; "
-                              "generate with them (teacher.options: logprobs: true, top_logprobs: 20 for an "
-                              "OpenAI-compatible teacher; top_logprobs: 20 for an hf one)")
+                              + HOW_TO_GET_LOGPROBS)
     share = a.samples_aligned / a.samples_with_logprobs
     if share < min_aligned:
         raise StillhouseError(

@@ -86,11 +86,16 @@ def _as_prompt_completion(rows: list[dict]) -> list[dict]:
     """OpenAI chat `messages` → TRL's conversational prompt/completion pairs (loss on the completion)."""
     out = []
     for r in rows:
-        msgs = list(r["messages"])
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise ValueError("each sample's messages must end with the assistant's answer")
+        msgs = _ending_on_the_answer(r["messages"])
         out.append({"prompt": msgs[:-1], "completion": [msgs[-1]]})
     return out
+
+
+def _ending_on_the_answer(messages) -> list[dict]:
+    msgs = list(messages)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise ValueError("each sample's messages must end with the assistant's answer")
+    return msgs
 
 
 def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, learning_rate: float, batch_size: int,
@@ -128,7 +133,8 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     else:
         encoded = [_encode(tok, r["messages"]) for r in rows]
         lengths = [len(ids) for ids, _ in encoded]
-    kept = [r for r, n in zip(rows, lengths) if n <= max_length]
+    keep = [n <= max_length for n in lengths]
+    kept = [r for r, k in zip(rows, keep) if k]
     if not kept:
         raise ValueError(f"every sample is longer than max_length={max_length} tokens")
     trainer_class, extra, kd_counts = SFTTrainer, {}, None
@@ -137,7 +143,6 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     else:
         from stillhouse.train.kd import align, check_alignment, kd_trainer_class
 
-        keep = [n <= max_length for n in lengths]
         enc = [e for e, k in zip(encoded, keep) if k]
         lps = [lp for lp, k in zip(teacher_logprobs or [None] * len(rows), keep) if k]
         a = align([(ids[n:], r["messages"][-1]["content"], lp) for (ids, n), r, lp in zip(enc, kept, lps)], tok)
@@ -200,10 +205,8 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
 def _encode(tok, messages: list[dict]) -> tuple[list[int], int]:
     """A chat sample's token ids and where its answer starts, as TRL's prompt/completion tokenization makes them
     (the prompt with the generation prompt; the answer from where prompt and full conversation diverge)."""
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("each sample's messages must end with the assistant's answer")
-    prompt = tok.apply_chat_template(list(messages[:-1]), add_generation_prompt=True, tokenize=True, return_dict=True)
-    full = tok.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"]
-    prompt = prompt["input_ids"]
+    msgs = _ending_on_the_answer(messages)
+    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
     n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return list(full), n
