@@ -1,6 +1,8 @@
 """Share of Atlas kept by SFT against logit distillation, over several training seeds, on the same teacher answers.
 
-    .venv/bin/python benchmarks/kd_share.py [--n 3000] [--seeds 0,1,2] [--alphas 0.9] [--top 5]
+    .venv/bin/python benchmarks/kd_share.py [--n 3000] [--seeds 0,1,2] [--rows sft,kd0.9] [--top 5] [--section kd_share]
+
+A row is `sft` or `kd<alpha>`, optionally with `@e<epochs>` and `@lr<rate>` (default: the demo's), e.g. `kd0.9@e3@lr0.0025`.
 
 Atlas answers the world's `--n` training prompts at T=1 through the serve engine (the demo's setting, no watermark),
 with its top-`--top` logprobs. For each seed, `stillhouse:base` is trained with the demo's settings on the answers'
@@ -27,6 +29,17 @@ from audit_power import TRAIN  # noqa: E402
 from training import heldout_accuracy, machine_speed  # noqa: E402
 
 
+def parse_row(row: str) -> tuple[str, dict[str, float]]:
+    """`kd0.9@e3@lr0.0025` -> ("kd0.9", {"epochs": 3.0, "learning_rate": 0.0025})."""
+    method, *opts = row.split("@")
+    names = {"e": "epochs", "lr": "learning_rate"}
+    overrides = {}
+    for o in opts:
+        key = "lr" if o.startswith("lr") else "e"
+        overrides[names[key]] = float(o[len(key):])
+    return method, overrides
+
+
 def main() -> None:
     from stillhouse.demo import world
     from stillhouse.models import resolve_model
@@ -35,8 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--alphas", default="0.9")
+    ap.add_argument("--rows", default="sft,kd0.9")
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--section", default="kd_share", help="the BENCHMARKS.md section to (re)write; a grid of settings goes in its own")
     args = ap.parse_args()
     speed = machine_speed()
     work = Path(tempfile.mkdtemp(prefix="kd_share_"))
@@ -47,16 +61,18 @@ def main() -> None:
             for p, a in zip(prompts, texts)]
     teacher = heldout_accuracy(resolve_model("stillhouse:atlas"))
     teacher_macro = sum(teacher.values()) / len(teacher)
-    methods = ["sft"] + [f"kd{a}" for a in args.alphas.split(",")]
+    methods = args.rows.split(",")
     kept: dict[str, list[float]] = {m: [] for m in methods}
     secs: dict[str, list[float]] = {m: [] for m in methods}
     for seed in map(int, args.seeds.split(",")):
         for m in methods:
             d = work / f"{m}_{seed}"
             t0 = time.time()
-            kd = {} if m == "sft" else {"kd": {"loss": "forward_kl", "alpha": float(m[2:]), "beta": 0.5,
-                                               "min_aligned": 0.5}, "teacher_logprobs": lps}
-            sft(rows, resolve_model("stillhouse:base"), d, **{**TRAIN, "seed": seed}, **kd)
+            method, overrides = parse_row(m)
+            kd = {} if method == "sft" else {"kd": {"loss": "forward_kl", "alpha": float(method[2:]), "beta": 0.5,
+                                                    "min_aligned": 0.5}, "teacher_logprobs": lps}
+            train = {**TRAIN, "seed": seed, **overrides}
+            sft(rows, resolve_model("stillhouse:base"), d, **train, **kd)
             secs[m].append(time.time() - t0)
             acc = heldout_accuracy(str(d))
             kept[m].append(sum(acc.values()) / len(acc) / teacher_macro)
@@ -65,18 +81,20 @@ def main() -> None:
     total = time.time() - t_start
     seeds = args.seeds.split(",")
     lines = ["## Training: SFT against logit distillation, share kept over seeds", "",
-             f"Command: `.venv/bin/python benchmarks/kd_share.py --n {args.n} --seeds {args.seeds} --alphas "
-             f"{args.alphas} --top {args.top}` ({platform.machine()}, {os.cpu_count()} CPU cores; {total / 60:.0f} min; "
+             f"Command: `.venv/bin/python benchmarks/kd_share.py --n {args.n} --seeds {args.seeds} --rows "
+             f"{args.rows} --top {args.top}" + (f" --section {args.section}" if args.section != "kd_share" else "") + f"` ({platform.machine()}, {os.cpu_count()} CPU cores; {total / 60:.0f} min; "
              f"`../shared/tools/machine-speed`: {speed}x the reference machine). Atlas's answers to {args.n} world "
              f"training prompts at T=1 (no watermark) with its top-{args.top} logprobs; `stillhouse:base` trained "
-             f"with the demo's settings ({TRAIN}); share kept on the 240 held-out tasks (greedy).", "",
+             f"with the demo's settings ({TRAIN}) except where a row names its epochs or learning rate; share kept on the 240 held-out tasks (greedy).", "",
              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | lowest | train s (mean) |",
              "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- |"]
     for m in methods:
-        label = "SFT" if m == "sft" else f"KD, forward KL, alpha {m[2:]}"
+        method, overrides = parse_row(m)
+        label = ("SFT" if method == "sft" else f"KD, forward KL, alpha {method[2:]}") + "".join(
+            f", {k.replace('_', ' ')} {v:g}" for k, v in overrides.items())
         lines.append(f"| {label} | " + " | ".join(f"{k:.1%}" for k in kept[m])
                      + f" | {statistics.mean(kept[m]):.1%} | {min(kept[m]):.1%} | {statistics.mean(secs[m]):.0f} |")
-    write_section("kd_share", "\n".join(lines))
+    write_section(args.section, "\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
 
 
