@@ -80,7 +80,9 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
     total = time.time() - t_start
     seeds = args.seeds.split(",")
-    lines = ["## Training: SFT against logit distillation, share kept over seeds", "",
+    title = ("SFT against logit distillation, share kept over seeds" if args.section == "kd_share"
+             else "logit distillation, a grid of epochs, learning rate and alpha")
+    lines = [f"## Training: {title}", "",
              f"Command: `.venv/bin/python benchmarks/kd_share.py --n {args.n} --seeds {args.seeds} --rows "
              f"{args.rows} --top {args.top}" + (f" --section {args.section}" if args.section != "kd_share" else "") + f"` ({platform.machine()}, {os.cpu_count()} CPU cores; {total / 60:.0f} min; "
              f"`../shared/tools/machine-speed`: {speed}x the reference machine). Atlas's answers to {args.n} world "

@@ -9,6 +9,7 @@ which is all `Engine` asks of a batch.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +17,16 @@ from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:
     from stillhouse.serve.engine import _Seq
+
+
+def _cache_kw(model) -> str:
+    """The name `model.forward` takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name still works there, with a warning, until 5.40); earlier 5.x releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
 
 
 class _SlotLayer(DynamicLayer):
@@ -49,6 +60,7 @@ class _SlotBatch:
         from transformers import DynamicCache
 
         self.model, self.max_rows, self.pad_id = model, max_rows, pad_id
+        self.ckw = _cache_kw(model)
         self.cache = DynamicCache(config=model.config)
         self.cache.layers = [_SlotLayer(self, i) for i in range(len(self.cache.layers))]
         self.k: list[torch.Tensor | None] = [None] * len(self.cache.layers)  # [rows, heads, columns, head_dim]
@@ -120,7 +132,7 @@ class _SlotBatch:
         mask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None]
         pos = (col[None, :] - start[:, None]).clamp(min=0)
         self._write = ("prefill", len(self.seqs))
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, **{self.ckw: self.cache},
                          use_cache=True, logits_to_keep=1)
         self.seqs += seqs
         self.start = torch.cat([self.start, start])
@@ -140,7 +152,7 @@ class _SlotBatch:
         pos = self.length.clamp(max=context - 1)[:, None]
         self._write = (torch.arange(n, device=dev), cols, width)
         out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **{self.ckw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length += 1
         return out.logits[:, -1]
 
@@ -172,6 +184,7 @@ class _CohortBatch:
 
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = model, pad_id
+        self.ckw = _cache_kw(model)
         self.seqs: list[_Seq] = []
         self.cache = self.mask = None
         self.last = torch.zeros(0, dtype=torch.long, device=model.device)
@@ -191,8 +204,8 @@ class _CohortBatch:
         ids, mask = ids.to(dev), mask.to(dev)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.seqs, self.cache, self.mask = list(seqs), out.past_key_values, mask
+                         **{self.ckw: cache}, use_cache=True, logits_to_keep=1)
+        self.seqs, self.cache, self.mask = list(seqs), _out_cache(out), mask
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -200,7 +213,7 @@ class _CohortBatch:
         pos = self.mask.sum(1, keepdim=True).clamp(max=context - 1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], 1)
         out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **{self.ckw: self.cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def remove(self, dead: list[int]) -> None:

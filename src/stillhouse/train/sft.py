@@ -153,6 +153,9 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         extra = {"kd": {k: kd[k] for k in ("loss", "alpha", "beta")}}
         kd_counts = {"samples": len(kept), "samples_with_logprobs": a.samples_with_logprobs,
                      "samples_aligned": a.samples_aligned, "tokens_with_teacher_distribution": a.tokens}
+    # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns until v6)
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
     args = SFTConfig(
         output_dir=str(Path(out_dir) / "_trainer"),
         num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
@@ -161,7 +164,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         max_length=None if padding_free else max_length, padding_free=padding_free,
         # TRL turns both on by default. Checkpointing only costs time at the sizes that fit one
         # machine's memory anyway; bf16 autocast pays on a GPU but made CPU steps ~17% slower here.
-        gradient_checkpointing=False, bf16=use_cuda, use_cpu=not use_cuda,
+        **{checkpointing: False}, bf16=use_cuda, use_cpu=not use_cuda,
         completion_only_loss=True, logging_steps=5, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=kd is None,  # the teacher's slots ride beside the tokens to the KD collator
