@@ -10,6 +10,8 @@ logprobs, once watermarked and once not (same seeds). Students from `stillhouse:
 
 - `sft`: the watermarked answers' text (the demo's student);
 - `kdA`: the same answers plus the reported logprobs, `method: kd`, forward KL, alpha A;
+- `kdwmA`: as `kdA`, but the provider runs `serve --watermark-logprobs`: the logprobs describe the watermarked
+  distribution the tokens were drawn from;
 - `plain`: the unwatermarked answers' text (the same teacher without a key: the no-watermark baseline).
 
 Each student answers the world's `--probes` open-answer prompts at T=1; black-box scoring under the key leaves out
@@ -61,12 +63,15 @@ FLOORS = (0.1, 0.5, 1.0, 1.5)  # entropy floors (nats) for the black-box grid
 PROBE_COUNTS = (250, 500, 1000)  # and probe counts (plus all of them)
 
 
-def answers_with_logprobs(prompts: list[str], watermark: str | None, top: int = 20) -> tuple[list[str], list[list[dict]]]:
-    """Atlas's sampled answers and, per answer token, the engine's logprobs in the ledger's shape (ids and texts)."""
+def answers_with_logprobs(prompts: list[str], watermark: str | None, top: int = 20, watermark_logprobs: bool = False
+                          ) -> tuple[list[str], list[list[dict]]]:
+    """Atlas's sampled answers and, per answer token, the engine's logprobs in the ledger's shape (ids and texts):
+    the model's own distribution, or with `watermark_logprobs` the watermarked one the tokens were drawn from."""
     from stillhouse.models import resolve_model
     from stillhouse.serve.engine import Engine, GenRequest
 
-    eng = Engine(resolve_model("stillhouse:atlas"), max_batch=256, dtype="float32", watermark=watermark)
+    eng = Engine(resolve_model("stillhouse:atlas"), max_batch=256, dtype="float32", watermark=watermark,
+                 watermark_logprobs=watermark_logprobs)
     tok = eng.tokenizer
     reqs = [GenRequest(tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=False), add_special_tokens=False)["input_ids"], 96,
@@ -136,6 +141,7 @@ def main() -> None:
         return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
 
     out = []
+    marked_wlp = None
     for row in args.rows.split(","):
         d = work / row
         t0 = time.time()
@@ -145,6 +151,16 @@ def main() -> None:
         elif row == "sft":
             res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0, **TRAIN)
             label = "SFT on the watermarked answers (the demo's student)"
+        elif row.startswith("kdwm"):  # the server run with --watermark-logprobs: same sampled answers
+            alpha = float(row[4:])
+            if marked_wlp is None:
+                texts_w, marked_wlp = answers_with_logprobs(prompts, str(keyfile), watermark_logprobs=True)
+                assert texts_w == marked, "the same seeds must draw the same answers"
+            res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0,
+                      kd={"loss": "forward_kl", "alpha": alpha, "beta": 0.5, "min_aligned": 0.5},
+                      teacher_logprobs=marked_wlp, **TRAIN)
+            label = (f"KD on the watermarked answers + watermarked logprobs (`serve --watermark-logprobs`; forward KL, "
+                     f"alpha {alpha})")
         elif row.startswith("kd"):
             alpha = float(row[2:])
             res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0,

@@ -196,7 +196,8 @@ def test_chat_cli_streams_a_reply_from_a_local_model(tiny_models):
 
 
 @pytest.mark.parametrize("args, says", [(["--max-batch", "0"], "--max-batch must be at least 1"),
-                                        (["--window-ms", "-5"], "--window-ms must not be negative")])
+                                        (["--window-ms", "-5"], "--window-ms must not be negative"),
+                                        (["--watermark-logprobs"], "--watermark-logprobs needs --watermark KEYFILE")])
 def test_bad_serve_options_fail_with_one_clear_line(tiny_models, args, says):
     import subprocess
 
@@ -232,3 +233,57 @@ def test_a_watermarked_servers_logprobs_are_the_models_own_and_say_so(tiny_model
     assert [x["logprob"] for x in first["top_logprobs"]] == pytest.approx(want, abs=1e-4)
     chosen = tok.get_vocab()[first["token"]]  # the token the biased scores chose, at its unbiased logprob
     assert first["logprob"] == pytest.approx(float(raw[chosen]), abs=1e-4)
+
+
+def test_watermark_logprobs_report_the_distribution_the_tokens_are_drawn_from(tiny_models, tmp_path):
+    """With --watermark-logprobs the reported logprobs are the watermarked distribution: the raw model's logits with
+    the key's bias on the green list of the preceding token, renormalized; the header says so. A prompt scored with
+    echo gets the same treatment, each position under its own preceding token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.audit.radioactivity import GreenLists
+    from stillhouse.watermark import keygen, read_key
+
+    key = tmp_path / "wm.json"
+    keygen(key, bias=3.0)
+    model = str(tiny_models["teacher"])
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    greens = GreenLists(read_key(key), lm.config.vocab_size)
+
+    def watermarked(ids):  # next-token logprobs after `ids`, as the watermark biases them
+        with torch.no_grad():
+            raw = lm(torch.tensor([ids])).logits[0].float()
+        for t in range(len(ids)):
+            ctx = tuple(ids[max(0, t + 1 - greens.width):t + 1])
+            raw[t] += torch.tensor([3.0 * greens.is_green(ctx, j) for j in range(raw.shape[1])])
+        return raw.log_softmax(-1)
+
+    with running(model, model_name="tiny", watermark=str(key), watermark_logprobs=True, dtype="float32") as url:
+        r = httpx.post(url + "/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": MSG, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 5})
+        ids = tok("The capital of", add_special_tokens=False)["input_ids"]
+        echo = httpx.post(url + "/completions", timeout=60, json={
+            "model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+    assert r.status_code == 200 and r.headers["X-Stillhouse-Logprobs"].startswith("watermarked; after watermark")
+    prompt = tok.apply_chat_template(MSG, add_generation_prompt=True, return_dict=True)["input_ids"]
+    first = r.json()["choices"][0]["logprobs"]["content"][0]
+    want = watermarked(prompt)[-1]
+    assert [x["logprob"] for x in first["top_logprobs"]] == pytest.approx(want.topk(5).values.tolist(), abs=1e-4)
+    # greedy over the watermarked scores: the chosen token is the most likely one of the reported distribution
+    assert first["logprob"] == pytest.approx(float(want.max()), abs=1e-4)
+    # ... and the raw model's distribution differs from it (the bias is visible in what is reported)
+    with torch.no_grad():
+        raw = lm(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    assert max(abs(a - b) for a, b in zip(raw.topk(5).values.tolist(), want.topk(5).values.tolist())) > 0.01
+    scored = echo["choices"][0]["logprobs"]["token_logprobs"]
+    w = watermarked(ids)
+    assert scored[1:] == pytest.approx([float(w[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
+
+
+def test_watermark_logprobs_need_a_key():
+    from stillhouse.teachers.hf import HFOptions
+
+    with pytest.raises(ValueError, match="watermark_logprobs needs a watermark key file"):
+        HFOptions(watermark_logprobs=True)

@@ -108,6 +108,9 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               dtype: str = typer.Option("auto", help="compute dtype: float32, bfloat16, float16, or auto (bf16 where "
                                                      "the hardware runs it natively, else fp32; the choice is logged)"),
               watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`"),
+              watermark_logprobs: bool = typer.Option(False, "--watermark-logprobs",
+                                                      help="report logprobs of the watermarked distribution the tokens "
+                                                           "are drawn from (default: the model's own); needs --watermark"),
               max_queue: int = typer.Option(1024, help="requests allowed to wait; past this, clients get 429 with "
                                                        "Retry-After"),
               max_batch_tokens: int = typer.Option(None, help="prompt + max_tokens admitted into the running batch "
@@ -122,7 +125,11 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
         raise StillhouseError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if max_queue < 1:
         raise StillhouseError(f"--max-queue must be at least 1, not {max_queue}")
+    if watermark_logprobs and watermark is None:
+        raise StillhouseError("--watermark-logprobs needs --watermark KEYFILE")
     extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+    if watermark_logprobs:
+        extra["watermark_logprobs"] = True
     console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
     serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
           window_ms=window_ms, device=device, dtype=dtype, watermark=str(watermark) if watermark else None,

@@ -148,8 +148,11 @@ class CompletionRequest(_Sampling):
 
 # Which distribution the `logprobs` in an answer describe, said on every completion: the model's own next-token
 # distribution at temperature 1, taken before a watermark's green-list bias, repetition penalties, temperature and
-# top-k/top-p/min-p, so a watermarked server samples its tokens from scores its logprobs do not show.
+# top-k/top-p/min-p, so a watermarked server samples its tokens from scores its logprobs do not show; or, with
+# `--watermark-logprobs`, the watermarked distribution (after the bias, before the rest).
 LOGPROBS_HEADER = {"X-Stillhouse-Logprobs": "model; before watermark, penalties, temperature, top-k, top-p, min-p"}
+WATERMARKED_LOGPROBS_HEADER = {"X-Stillhouse-Logprobs": "watermarked; after watermark, before penalties, temperature, "
+                                                        "top-k, top-p, min-p"}
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -157,6 +160,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app = FastAPI(title="stillhouse serve", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     tok = engine.tokenizer
+    logprobs_header = WATERMARKED_LOGPROBS_HEADER if engine.watermark_logprobs else LOGPROBS_HEADER
     # Chat templates and tokenizers are CPU work that would stall every other request on the event loop; one
     # thread, because a fast tokenizer is not safe to use from several threads at once.
     tokenize = ThreadPoolExecutor(1, thread_name_prefix="stillhouse-tokenize")
@@ -276,7 +280,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             for k, f in enumerate(futures):
                 f.add_done_callback(lambda f, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, f)))
             return StreamingResponse(_chat_stream(cid, created, model_name, events, futures, len(ids), chat_logprobs),
-                                     media_type="text/event-stream", headers=LOGPROBS_HEADER)
+                                     media_type="text/event-stream", headers=logprobs_header)
         results = await run(reqs)
         usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.token_ids) for r in results),
                  "total_tokens": len(ids) + sum(len(r.token_ids) for r in results)}
@@ -287,7 +291,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                              "choices": [{"index": k, "message": {"role": "assistant", "content": r.text},
                                           "logprobs": chat_logprobs(r), "finish_reason": r.finish_reason}
                                          for k, r in enumerate(results)],
-                             "usage": usage}, headers=LOGPROBS_HEADER)
+                             "usage": usage}, headers=logprobs_header)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest):
@@ -355,7 +359,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                              "created": int(time.time()), "model": model_name, "system_fingerprint": engine.fingerprint,
                              "choices": choices,
                              "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}},
-                            headers=LOGPROBS_HEADER)
+                            headers=logprobs_header)
 
     return app
 

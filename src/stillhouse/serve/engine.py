@@ -201,7 +201,7 @@ class Engine:
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None, max_batch_tokens: int | None = None,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, watermark_logprobs: bool = False):
         from stillhouse.teachers.hf import load_local_lm, pick_device
 
         self.device = pick_device(device)
@@ -210,6 +210,11 @@ class Engine:
         self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.watermark = None
         self._wm = None
+        if watermark_logprobs and not watermark:
+            raise ValueError("watermark_logprobs needs a watermark key")
+        # Which distribution logprobs describe: the model's own (the default), or the watermarked one the tokens are
+        # drawn from, so that a student distilled from the logprobs learns the green-list bias as well.
+        self.watermark_logprobs = watermark_logprobs
         if watermark:
             from stillhouse.watermark import load_config
 
@@ -485,7 +490,12 @@ class Engine:
     def _run_score(self, job: _Score) -> None:
         try:
             x = torch.tensor([job.ids], device=self.device)
-            logp = self.model(input_ids=x).logits[0].float().log_softmax(-1)
+            logits = self.model(input_ids=x).logits[0].float()
+            if self.watermark_logprobs and self._wm is not None:  # each position with its own preceding tokens
+                cw, pad = self._wm.context_width, self.tokenizer.pad_token_id
+                hist = [job.ids[max(0, t + 1 - cw):t + 1] for t in range(len(job.ids))]
+                logits = self._wm(torch.tensor([[pad] * (cw - len(h)) + h for h in hist], device=self.device), logits)
+            logp = logits.log_softmax(-1)
             out = [{"id": job.ids[0], "logprob": None, "top": []}]
             for t in range(1, len(job.ids)):
                 out.append(_lp_entry(logp[t - 1], job.ids[t], job.top))
@@ -506,6 +516,7 @@ class Engine:
             hist = [(s.req.prompt_ids + s.ids)[-cw:] for s in seqs]
             hist = torch.tensor([[self.tokenizer.pad_token_id] * (cw - len(h)) + h for h in hist], device=logits.device)
             scores = self._wm(hist, scores)
+        reported = scores if self.watermark_logprobs else logits  # before penalties, temperature and the rest
         processed = [i for i, s in enumerate(seqs) if s.processed]
         if processed:
             scores = scores.clone() if scores is logits else scores
@@ -536,7 +547,7 @@ class Engine:
             for j, i in enumerate(sampled):
                 if seqs[i].rng is not None:
                     chosen[i] = torch.multinomial(probs[j], 1, generator=seqs[i].rng)[0]
-        logp = logits.log_softmax(-1) if any(s.logprobs is not None for s in seqs) else None
+        logp = reported.log_softmax(-1) if any(s.logprobs is not None for s in seqs) else None
         for row, (s, t) in enumerate(zip(seqs, chosen.tolist())):
             self._advance(s, t, None if s.logprobs is None else logp[row])
         return chosen

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stillhouse.models import resolve_model
 from stillhouse.teachers import BackendOptions, Completion, Request, Transport, split_reasoning
@@ -105,6 +105,14 @@ class HFOptions(BackendOptions):
         "auto", description="compute dtype; auto: bf16 where the hardware runs it natively, else fp32")
     top_logprobs: int = Field(0, ge=0, le=20, description="keep the k most likely tokens per generated token")
     watermark: str | None = Field(None, description="a key file from `stillhouse watermark keygen`")
+    watermark_logprobs: bool = Field(False, description="logprobs of the watermarked distribution the tokens are drawn "
+                                                        "from, not the model's own (needs watermark)")
+
+    @model_validator(mode="after")
+    def _watermark_logprobs_need_a_key(self):
+        if self.watermark_logprobs and not self.watermark:
+            raise ValueError("watermark_logprobs needs a watermark key file")
+        return self
 
 
 class HFBackend:
@@ -121,7 +129,8 @@ class HFBackend:
         self.model = model
         self.options = options
         self.engine = Engine(model, device=options.device, max_batch=options.batch_size, window_ms=2.0,
-                             dtype=options.dtype, watermark=options.watermark)
+                             dtype=options.dtype, watermark=options.watermark,
+                             watermark_logprobs=options.watermark_logprobs)
         self.tokenizer = self.engine.tokenizer
         self.fingerprint = self.engine.fingerprint
 
@@ -137,7 +146,8 @@ class HFBackend:
             wm = key_identity(options.watermark)
         return {"backend": "hf", "model": model, "weights": dir_fingerprint(src) if src.exists() else None,
                 "dtype": compute_dtype(pick_device(options.device), options.dtype)[0],
-                "top_logprobs": options.top_logprobs, "watermark": wm}
+                "top_logprobs": options.top_logprobs, "watermark": wm,
+                **({"watermark_logprobs": True} if options.watermark_logprobs else {})}
 
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
                  admit: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Completion]]:
