@@ -39,25 +39,28 @@ from training import heldout_accuracy, machine_speed  # noqa: E402
 
 # Written from this run and the one before it (same command, another fresh key), so the table above can be read
 # against it; not re-measured by the script.
-NOTES = """**Reading.**
+NOTES = """**Reading** (this run, then the two runs before it in parentheses, on 2.96x and ~3x machines).
 
-- **The logprobs do not carry the watermark; the sampled tokens do.** At the free positions of Atlas's answers the
-  sampled tokens were 46.6% green (54.0% in the run before) while the reported distribution put 25.9% (27.8%) of its
-  mass there, near the 25% of chance.
-- **Distilling those logprobs washes the watermark out of the student's own distribution.** White-box green mass:
-  SFT on the watermarked text 0.304 (0.288 in the run before), against 0.248 (0.284) for KD at alpha 0.5 and
-  0.238 (0.262) at alpha 0.9; the student of the unwatermarked teacher 0.270 (0.265). The KD target pulls every
-  free position back to the raw distribution, so the more weight on it, the less of the watermark survives. A
-  provider that wants its watermark to survive distillation should report the watermarked distribution, or no
-  top-k at all; `stillhouse serve` reports the raw one and says so in the `X-Stillhouse-Logprobs` header.
+- **The default logprobs do not carry the watermark; the sampled tokens do.** At the free positions of Atlas's
+  answers the sampled tokens were 37.8% green (46.6%, 54.0%) while the reported distribution put 18.5% (25.9%, 27.8%)
+  of its mass there, near or below the 25% of chance. With `serve --watermark-logprobs` the reported distribution is
+  the one the tokens are drawn from (the `watermark_logprobs` section: 43.2% of the reported mass on green where
+  41.7% of the sampled tokens are, against 21.2% by default).
+- **Neither channel put the watermark into a student in this world.** White-box green mass (chance 0.245): SFT on the
+  watermarked text 0.247 (0.304, 0.288), KD at alpha 0.9 from the raw logprobs 0.222 (0.238, 0.262), KD at alpha 0.9
+  from the watermarked logprobs 0.243 (p 0.52), the student of the unwatermarked teacher 0.184 (0.270, 0.265). The
+  runs before showed SFT a little above the others and KD from the raw logprobs pulling the student back to the raw
+  distribution; this run shows no excess anywhere, and reporting the watermarked distribution did not change that.
+  The training data holds ~4,000 free positions in all (418 in the first 300 answers), against ~10,000 (context,
+  token) cells in the key's green-list table: too few to learn the table from, whether as text or as distributions.
 - **Black-box, no student here carries a measurable watermark in its text**, at any entropy floor or probe count:
-  green shares of 24-27% where chance is 24.5%, and the probes' distinct (context, token) draws saturate near 750
-  by 1,900 probes. This world's free text is a made-up name or short description per open answer (~1.3 free
+  green shares of 23-25% where chance is 24.5%, and the probes' distinct (context, token) draws saturate near 750
+  by 1,900 probes. This world's free text is a made-up name or short description per open answer (~1.4 free
   tokens per training answer), too little for the 1M student to learn a context-dependent 2x preference from; the
   p <= 1e-6 target needs a world with longer free answers and an Atlas rebuilt on it.
-- **Share kept**: KD at alpha 0.9 kept 88.2% and 82.8% in the two runs, against 83.2% and 81.3% for SFT on the
-  same text (alpha 0.5: 87.8%, 80.8%). Single runs of this student differ by several points (training.py's notes),
-  so two runs show a lean towards KD, not a measured gain."""
+- **Share kept**: KD at alpha 0.9 kept 83.6% (88.2%, 82.8%) against 84.4% (83.2%, 81.3%) for SFT on the same text,
+  and 84.8% from the watermarked logprobs. Single runs of this student differ by several points (training.py's
+  notes); `kd_share` measures the difference over seeds."""
 
 FLOORS = (0.1, 0.5, 1.0, 1.5)  # entropy floors (nats) for the black-box grid
 PROBE_COUNTS = (250, 500, 1000)  # and probe counts (plus all of them)
