@@ -66,6 +66,21 @@ FLOORS = (0.1, 0.5, 1.0, 1.5)  # entropy floors (nats) for the black-box grid
 PROBE_COUNTS = (250, 500, 1000)  # and probe counts (plus all of them)
 
 
+def green_at_free_positions(answers_lp: list[list[dict]], greens, min_entropy: float) -> tuple[int, float, float]:
+    """Over answer positions whose reported top-k distribution has at least `min_entropy` nats (elsewhere a watermark
+    cannot move a token): (positions, share of sampled tokens green, mean reported probability mass on green)."""
+    sampled = reported = n = 0
+    for lps in answers_lp:
+        for prev, e in zip(lps, lps[1:]):
+            ctx, top = (prev["id"],), [(a["id"], math.exp(a["logprob"])) for a in e["top_logprobs"]]
+            if -sum(p * math.log(p) for _, p in top if p > 0) < min_entropy:
+                continue
+            sampled += greens.is_green(ctx, e["id"])
+            reported += sum(p for i, p in top if greens.is_green(ctx, i))
+            n += 1
+    return n, sampled / max(n, 1), reported / max(n, 1)
+
+
 def answers_with_logprobs(prompts: list[str], watermark: str | None, top: int = 20, watermark_logprobs: bool = False
                           ) -> tuple[list[str], list[list[dict]]]:
     """Atlas's sampled answers and, per answer token, the engine's logprobs in the ledger's shape (ids and texts):
@@ -123,15 +138,7 @@ def main() -> None:
     from stillhouse.audit.radioactivity import GreenLists, radioactivity, reference_entropies
 
     gl = GreenLists(key, AutoConfig.from_pretrained(resolve_model("stillhouse:atlas")).vocab_size)
-    sampled_green = reported_green = counted = 0  # at the positions where the watermark can move a token
-    for lps in marked_lp[:300]:
-        for prev, e in zip(lps, lps[1:]):
-            ctx, top = (prev["id"],), [(a["id"], math.exp(a["logprob"])) for a in e["top_logprobs"]]
-            if -sum(p * math.log(p) for _, p in top if p > 0) < args.min_entropy:
-                continue
-            sampled_green += gl.is_green(ctx, e["id"])
-            reported_green += sum(p for i, p in top if gl.is_green(ctx, i))
-            counted += 1
+    counted, sampled_share, reported_share = green_at_free_positions(marked_lp[:300], gl, args.min_entropy)
     teacher = heldout_accuracy(resolve_model("stillhouse:atlas"))
     teacher_macro = sum(teacher.values()) / len(teacher)
     probes = open_prompts()[:args.probes]
@@ -154,22 +161,18 @@ def main() -> None:
         elif row == "sft":
             res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0, **TRAIN)
             label = "SFT on the watermarked answers (the demo's student)"
-        elif row.startswith("kdwm"):  # the server run with --watermark-logprobs: same sampled answers
-            alpha = float(row[4:])
-            if marked_wlp is None:
+        elif row.startswith("kd"):
+            wm = row.startswith("kdwm")  # the server run with --watermark-logprobs: same sampled answers
+            alpha = float(row[4 if wm else 2:])
+            if wm and marked_wlp is None:
                 texts_w, marked_wlp = answers_with_logprobs(prompts, str(keyfile), watermark_logprobs=True)
                 assert texts_w == marked, "the same seeds must draw the same answers"
             res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0,
                       kd={"loss": "forward_kl", "alpha": alpha, "beta": 0.5, "min_aligned": 0.5},
-                      teacher_logprobs=marked_wlp, **TRAIN)
+                      teacher_logprobs=marked_wlp if wm else marked_lp, **TRAIN)
             label = (f"KD on the watermarked answers + watermarked logprobs (`serve --watermark-logprobs`; forward KL, "
-                     f"alpha {alpha})")
-        elif row.startswith("kd"):
-            alpha = float(row[2:])
-            res = sft([msgs(p, a) for p, a in zip(prompts, marked)], resolve_model("stillhouse:base"), d, seed=0,
-                      kd={"loss": "forward_kl", "alpha": alpha, "beta": 0.5, "min_aligned": 0.5},
-                      teacher_logprobs=marked_lp, **TRAIN)
-            label = f"KD on the watermarked answers + reported logprobs (forward KL, alpha {alpha})"
+                     f"alpha {alpha})" if wm else
+                     f"KD on the watermarked answers + reported logprobs (forward KL, alpha {alpha})")
         else:
             raise SystemExit(f"unknown row {row!r}")
         secs = time.time() - t0
@@ -204,8 +207,8 @@ def main() -> None:
              f"{args.min_entropy} nats.", "",
              f"**What the API reports.** Over Atlas's first 300 watermarked answers, at the {counted:,} tokens where "
              f"the reported distribution has at least {args.min_entropy} nats of entropy (elsewhere a watermark "
-             f"cannot move a token): {sampled_green / max(counted, 1):.1%} of the sampled tokens are green, while the reported "
-             f"logprobs put {reported_green / max(counted, 1):.1%} of their mass on green tokens (chance: "
+             f"cannot move a token): {sampled_share:.1%} of the sampled tokens are green, while the reported "
+             f"logprobs put {reported_share:.1%} of their mass on green tokens (chance: "
              f"{gl.gamma:.0%}). The reported distribution is the raw model's: it does not carry the watermark.", "",
              "| student | train s | share kept | black-box green / scored | black-box p | white-box green mass (chance) "
              "| white-box p | " + " | ".join(families) + " |",

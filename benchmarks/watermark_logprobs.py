@@ -13,7 +13,6 @@ probability mass the reported logprobs put on green tokens.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
-from audit_kd import answers_with_logprobs  # noqa: E402
+from audit_kd import answers_with_logprobs, green_at_free_positions  # noqa: E402
 from training import machine_speed  # noqa: E402
 
 
@@ -53,17 +52,8 @@ def main() -> None:
         if answers is not None and texts != answers:
             raise SystemExit("the same seeds drew different answers with and without --watermark-logprobs")
         answers = texts
-        sampled = reported = n = 0
-        for seq in lps:
-            for prev, e in zip(seq, seq[1:]):
-                top = [(a["id"], math.exp(a["logprob"])) for a in e["top_logprobs"]]
-                if -sum(p * math.log(p) for _, p in top if p > 0) < 0.1:
-                    continue
-                ctx = (prev["id"],)
-                sampled += greens.is_green(ctx, e["id"])
-                reported += sum(p for i, p in top if greens.is_green(ctx, i))
-                n += 1
-        rows.append(f"| {label} | {n} | {sampled / n:.1%} | {reported / n:.1%} |")
+        n, sampled, reported = green_at_free_positions(lps, greens, 0.1)
+        rows.append(f"| {label} | {n} | {sampled:.1%} | {reported:.1%} |")
         print(rows[-1], flush=True)
     lines = ["## Audit: what a watermarked server's logprobs describe (issue 10)", "",
              f"Command: `.venv/bin/python benchmarks/watermark_logprobs.py --n {args.n} --families {args.families} "

@@ -168,6 +168,13 @@ class _GreenLists:
         self.max_cached = max(16, self.CACHE_ENTRIES // max(1, processor.greenlist_size))
         self._lists: OrderedDict = OrderedDict()
 
+    def bias(self, histories: list[list[int]], scores: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """`scores` (one row per history) with each row's green list biased, each row seeded by the last
+        `context_width` tokens of its history (left-padded with `pad_id` where it is shorter)."""
+        cw = self.context_width
+        hist = [h[-cw:] for h in histories]
+        return self(torch.tensor([[pad_id] * (cw - len(h)) + h for h in hist], device=scores.device), scores)
+
     def __call__(self, hist: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         p = self.processor
         if p.seeding_scheme != "lefthash":
@@ -492,9 +499,9 @@ class Engine:
             x = torch.tensor([job.ids], device=self.device)
             logits = self.model(input_ids=x).logits[0].float()
             if self.watermark_logprobs and self._wm is not None:  # each position with its own preceding tokens
-                cw, pad = self._wm.context_width, self.tokenizer.pad_token_id
-                hist = [job.ids[max(0, t + 1 - cw):t + 1] for t in range(len(job.ids))]
-                logits = self._wm(torch.tensor([[pad] * (cw - len(h)) + h for h in hist], device=self.device), logits)
+                cw = self._wm.context_width
+                logits = self._wm.bias([job.ids[max(0, t + 1 - cw):t + 1] for t in range(len(job.ids))], logits,
+                                       self.tokenizer.pad_token_id)
             logp = logits.log_softmax(-1)
             out = [{"id": job.ids[0], "logprob": None, "top": []}]
             for t in range(1, len(job.ids)):
@@ -512,10 +519,7 @@ class Engine:
         logits = logits.float()
         scores = logits
         if self._wm is not None:  # the watermark sees each row's real previous tokens, as in `generate`
-            cw = self._wm.context_width
-            hist = [(s.req.prompt_ids + s.ids)[-cw:] for s in seqs]
-            hist = torch.tensor([[self.tokenizer.pad_token_id] * (cw - len(h)) + h for h in hist], device=logits.device)
-            scores = self._wm(hist, scores)
+            scores = self._wm.bias([s.req.prompt_ids + s.ids for s in seqs], scores, self.tokenizer.pad_token_id)
         reported = scores if self.watermark_logprobs else logits  # before penalties, temperature and the rest
         processed = [i for i, s in enumerate(seqs) if s.processed]
         if processed:
