@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
-from audit_power import TRAIN, answers, open_prompts  # noqa: E402
+from audit_power import TRAIN, answers, black_box_grid, open_prompts  # noqa: E402
 from training import heldout_accuracy, machine_speed  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def answers_with_logprobs(prompts: list[str], watermark: str | None, top: int = 
 
 
 def main() -> None:
-    from stillhouse.audit.radioactivity import score_texts, whitebox
+    from stillhouse.audit.radioactivity import whitebox
     from stillhouse.demo import world
     from stillhouse.models import resolve_model
     from stillhouse.train.sft import sft
@@ -133,19 +133,15 @@ def main() -> None:
     plain = answers("stillhouse:atlas", prompts, temperature=1.0)
     # how far the reported distribution is from what the tokens were drawn from: the share of sampled answer tokens
     # that are green under the key, against the reported probability mass on green tokens at the same positions
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from stillhouse.audit.radioactivity import GreenLists, radioactivity, reference_entropies
+    from stillhouse.audit.radioactivity import GreenLists
 
     gl = GreenLists(key, AutoConfig.from_pretrained(resolve_model("stillhouse:atlas")).vocab_size)
     counted, sampled_share, reported_share = green_at_free_positions(marked_lp[:300], gl, args.min_entropy)
     teacher = heldout_accuracy(resolve_model("stillhouse:atlas"))
     teacher_macro = sum(teacher.values()) / len(teacher)
     probes = open_prompts()[:args.probes]
-    atlas = resolve_model("stillhouse:atlas")
-    tok = AutoTokenizer.from_pretrained(atlas)
-    vocab = AutoConfig.from_pretrained(atlas).vocab_size
-    probe_ids = [tok(q, add_special_tokens=False)["input_ids"] for q in probes]
 
     def msgs(p, a):
         return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
@@ -179,20 +175,15 @@ def main() -> None:
         acc = heldout_accuracy(str(d))
         macro = sum(acc.values()) / len(acc)
         texts = answers(str(d), probes, temperature=1.0)
-        bb, _ = score_texts(texts, probes, key, "stillhouse:atlas", null_keys=0, min_entropy=args.min_entropy)
-        # the same answers under stricter entropy floors and fewer probes: where in the text is the signal?
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        ent = reference_entropies(atlas, tok, probes, ids)
-        grid = {}
-        for floor in FLOORS:
-            for q in [q for q in PROBE_COUNTS if q < len(probes)] + [len(probes)]:
-                keep = [[h >= floor for h in row] for row in ent[:q]]
-                grid[floor, q] = radioactivity(ids[:q], key, vocab, prompts=probe_ids[:q], null_keys=0, keep=keep).key
+        # every answer at the chosen floor, and under stricter floors and fewer probes: where in the text is the signal?
+        grid = black_box_grid(texts, probes, key, tuple(dict.fromkeys((args.min_entropy,) + FLOORS)),
+                              [q for q in PROBE_COUNTS if q < len(probes)] + [len(probes)])
+        bb = grid[args.min_entropy, len(probes)]
         wb = whitebox(str(d), key, "stillhouse:atlas", probes[:500], texts[:500], null_keys=0)
-        r = {"label": label, "secs": secs, "kept": macro / teacher_macro, "acc": acc, "bb": bb.key, "wb": wb,
+        r = {"label": label, "secs": secs, "kept": macro / teacher_macro, "acc": acc, "bb": bb, "wb": wb,
              "kd": res.kd, "grid": grid}
         out.append(r)
-        print(row, f"{secs:.0f} s", f"kept {r['kept']:.1%}", f"bb {bb.key.green}/{bb.key.scored} p {bb.key.p_value:.2g}",
+        print(row, f"{secs:.0f} s", f"kept {r['kept']:.1%}", f"bb {bb.green}/{bb.scored} p {bb.p_value:.2g}",
               f"wb {wb.green_mass:.3f} p {wb.p_value:.2g}", res.kd, flush=True)
 
     total = time.time() - t_start

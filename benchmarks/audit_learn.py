@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
-from audit_power import TRAIN, answers, open_prompts  # noqa: E402
+from audit_power import TRAIN, answers, black_box_grid, open_prompts  # noqa: E402
 from training import machine_speed  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def train_prompts(family: str | None, n: int) -> list[str]:
 
 
 def main() -> None:
-    from stillhouse.audit.radioactivity import score_texts, whitebox
+    from stillhouse.audit.radioactivity import whitebox
     from stillhouse.models import resolve_model
     from stillhouse.train.sft import sft
     from stillhouse.watermark import keygen, read_key
@@ -89,11 +89,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown row {row!r}: atlasB, inventB or mixB")
         texts = answers(model, probes, wm if kind == "atlas" else None, temperature=1.0)
-        bb = {}
-        for q in counts:
-            res, _ = score_texts(texts[:q], probes[:q], key, "stillhouse:atlas", null_keys=0,
-                                 min_entropy=args.min_entropy)
-            bb[q] = res.key
+        bb = {q: g for (_, q), g in black_box_grid(texts, probes, key, (args.min_entropy,), counts).items()}
         wb = None
         if kind != "atlas":
             wb = whitebox(model, key, "stillhouse:atlas", probes[:500], texts[:500], null_keys=0)

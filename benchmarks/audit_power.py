@@ -64,6 +64,27 @@ def train(rows: list[dict], out: Path, seed: int) -> float:
     return time.time() - t0
 
 
+def black_box_grid(texts: list[str], probes: list[str], key: dict, floors: tuple[float, ...],
+                   counts: list[int]) -> dict:
+    """Black-box green counts of the answers `texts` to `probes` under `key` (no null keys), for each entropy floor
+    (nats of Atlas's prediction under which a token is left out) and each count q of first answers: {(floor, q):
+    GreenCount}. Atlas's entropies are computed once for every cell."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stillhouse.audit.radioactivity import radioactivity, reference_entropies
+    from stillhouse.models import resolve_model
+
+    atlas = resolve_model("stillhouse:atlas")
+    tok = AutoTokenizer.from_pretrained(atlas)
+    vocab = AutoConfig.from_pretrained(atlas).vocab_size
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    probe_ids = [tok(q, add_special_tokens=False)["input_ids"] for q in probes]
+    ent = reference_entropies(atlas, tok, probes, ids)
+    return {(floor, q): radioactivity(ids[:q], key, vocab, prompts=probe_ids[:q], null_keys=0,
+                                      keep=[[h >= floor for h in row] for row in ent[:q]]).key
+            for floor in floors for q in counts}
+
+
 def open_prompts() -> list[str]:
     """Every distinct open-answer prompt of the world (both splits), in a fixed shuffled order."""
     from stillhouse.demo import world
