@@ -79,9 +79,12 @@ def write_card(directory: str | Path, data_file: str, *, num_rows: int, teachers
     out += [f"| {_cell(m)} | {n:,} |" for m, n in methods.items()] or ["| - | - |"]
 
     out += ["", "## Curation", ""]
+    dropped, added = (sum(int(s.get(k) or 0) for _, s in filters) for k in ("dropped", "added"))
     if rows_in is not None:
-        out += [f"{rows_in:,} generated rows in, {num_rows:,} out.", ""]
-    out += ["Filters in the order applied; each counts the rows it saw minus those it dropped.", "",
+        out += [f"{rows_in:,} generated rows in, {num_rows:,} out: {dropped:,} dropped"
+                + (f", {added:,} added" if added else "") + ".", ""]
+    out += ["Filters in the order applied; each keeps the rows it saw, minus those it dropped, plus those it added.",
+            "",
             "| filter | kept | dropped | changed | added | drop reasons | change reasons |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     out += [f"| {_cell(name)} | {s.get('kept', 0):,} | {s.get('dropped', 0):,} | {s.get('changed', 0):,} | "

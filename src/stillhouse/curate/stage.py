@@ -92,7 +92,10 @@ class CurateStage(Stage):
         card = self._card(recipe, run, n_in, rows, results)
         contaminated = {name: c["items_hit"] for s in steps for name, c in (s.get("contamination") or {}).items()
                         if c["items_hit"]}
-        counts = {"generated": n_in, "kept": len(rows), "dropped": n_in - len(rows), "filters": steps,
+        # Dropped and added are counted apart (a filter that adds pairs, such as identity's, would otherwise show as
+        # negative drops): generated - dropped + added = kept.
+        counts = {"generated": n_in, "kept": len(rows), "dropped": sum(s.get("dropped", 0) for s in steps),
+                  "added": sum(s.get("added", 0) for s in steps), "filters": steps,
                   "contaminated_eval_items": sum(contaminated.values()), "contaminated_sets": contaminated}
         return StageResult({"curated": [run.curated, card]}, counts)
 

@@ -394,6 +394,16 @@ def identity(r: Run) -> str:
                          rows, "identity-claims", 2), lead)
 
 
+def curation_totals(c: dict) -> tuple[int | None, int]:
+    """(dropped, added) over the whole curation: the filters' own counts summed where the manifest lists them (an
+    older manifest's `dropped` was generated - kept, negative when a filter added rows), else its totals."""
+    filters = [f for f in c.get("filters") or [] if isinstance(f, dict)]
+    if filters:
+        return sum(_int(f.get("dropped")) for f in filters), sum(_int(f.get("added")) for f in filters)
+    d = num(c.get("dropped"))
+    return (None if d is None else max(0, int(d))), _int(c.get("added"))
+
+
 def data_story(r: Run) -> str:
     """Samples generated, dropped or rewritten by each curation filter, kept; a warning for a contaminated benchmark."""
     cur = r.manifests.get("curate")
@@ -406,8 +416,10 @@ def data_story(r: Run) -> str:
     if c:
         card = (' Dataset card: <a href="data/README.md"><code>data/README.md</code></a>.'
                 if (r.run.root / "data" / "README.md").is_file() else "")
+        dropped, added = curation_totals(c)
         body += (f'<p class="lead"><b>{count(c.get("generated"))}</b> samples generated, <b>{count(c.get("kept"))}</b> '
-                 f'kept for training (<b>{count(c.get("dropped"))}</b> dropped).{card}</p>')
+                 f'kept for training (<b>{count(dropped)}</b> dropped'
+                 + (f', <b>{count(added)}</b> added by curation' if added else "") + f').{card}</p>')
     cols = []
     if gen:
         tokens = (gen.get("prompt_tokens") or 0) + (gen.get("completion_tokens") or 0)
@@ -435,15 +447,14 @@ def data_story(r: Run) -> str:
 
     def why(f: dict) -> str:
         reasons = {**(f.get("drop_reasons") or {}), **(f.get("change_reasons") or {})}
-        parts = [f"{k}: {v}" for k, v in reasons.items()]
-        if f.get("added"):
-            parts.append(f"added: {f['added']}")
-        return e(", ".join(parts))
+        return e(", ".join(f"{k}: {v}" for k, v in reasons.items()))
 
     if filters:
-        rows = [f"<tr>{td(e(f.get('filter', '?')), '')}{td(count(f.get('in')))}{td(count(f.get('dropped')))}"
-                f"{td(count(f.get('changed')))}{td(count(f.get('kept')))}{td(why(f), 'why')}</tr>" for f in filters]
-        body += table(["filter", "in", "dropped", "rewritten", "kept", "reasons"], rows, "filters", text_cols=(5,))
+        rows = [f"<tr>{td(e(f.get('filter', '?')), '')}{td(count(f.get('in')))}{td(count(f.get('kept')))}"
+                f"{td(count(f.get('dropped')))}{td(count(f.get('added', 0)))}{td(count(f.get('changed')))}"
+                f"{td(why(f), 'why')}</tr>" for f in filters]
+        body += table(["filter", "in", "kept", "dropped", "added", "rewritten", "reasons"], rows, "filters",
+                      text_cols=(6,))
     return section("data", "Data: generated, curated, kept", body)
 
 
