@@ -51,11 +51,22 @@ def print_headline(h: dict) -> None:
 
 @app.command()
 def run(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
-    """Run every stage of RECIPE in dependency order (generate, train, evaluate, report, and any plug-in's)."""
+    """Run every stage of RECIPE in dependency order (its help lists the registered stages: `run_help`)."""
     from stillhouse.recipe import load_recipe
     from stillhouse.stages import run_all
 
     print_headline(run_all(load_recipe(recipe), force=force))
+
+
+def run_help() -> str:
+    """`stillhouse run --help`'s text, from the stage registry: every registered stage in the order `run` walks them,
+    a plug-in's included, each stage that runs only when the recipe has its section marked so."""
+    from stillhouse.stages import ordered_stages
+
+    names = [s.name if s.always else f"{s.name} (when the recipe has the `{s.section}:` section)"
+             for s in ordered_stages()]
+    return (f"Run every stage of RECIPE in dependency order: {', '.join(names)}. A stage that already finished with "
+            "the same inputs and settings is skipped (--force redoes it).")
 
 
 def _stage_command(name: str, stage) -> None:
@@ -84,6 +95,9 @@ def _add_plugin_commands() -> None:
     from stillhouse.registry import Registry
     from stillhouse.stages import ordered_stages
 
+    for c in app.registered_commands:
+        if c.callback is run:
+            c.help = run_help()
     taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     for stage in ordered_stages():
         if not stage.command:  # its CLI is a built-in command of its own (`stillhouse audit --recipe`)
