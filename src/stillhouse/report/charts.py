@@ -121,7 +121,8 @@ def relative_quality(rows: list[dict]) -> Chart:
     where a judge ran, its judged standing against the teacher, each with its confidence interval.
 
     `rows`: {"label", "color", "verifiable" | "judged" | "score": (value, (lo, hi) | None) | None}, values as
-    fractions of the teacher (1.0 = the teacher)."""
+    fractions of the teacher (1.0 = the teacher); a row's "verifiable_note", when set, is written in place of its
+    verifiable bar (a share too noisy to draw as a number: `sections.share_kept_caveat`)."""
     from matplotlib.patches import Patch
 
     shown = [(k, label, style) for k, label, style in MEASURES if any(r.get(k) for r in rows)] or [MEASURES[0]]
@@ -134,6 +135,10 @@ def relative_quality(rows: list[dict]) -> Chart:
         for j, (key, _, style) in enumerate(shown):
             y = i + (j - (k - 1) / 2) * bar
             got = r.get(key)
+            if key == "verifiable" and r.get("verifiable_note"):
+                ax.text(2, y, _label(r["verifiable_note"]), va="center", ha="left", color=MUTED, fontsize=9,
+                        style="italic")
+                continue
             if not got or got[0] is None:
                 ax.text(2, y, "n/a", va="center", ha="left", color=MUTED, fontsize=9)
                 continue

@@ -17,6 +17,71 @@ from stillhouse.report.runfiles import Run, preference
 
 SWAP_THRESHOLD = 0.65  # Zheng et al. 2023: GPT-4 kept its verdict under swapped answer order 65% of the time
 
+# When a share of the teacher kept is too noisy to read as a number: `share_kept_caveat`.
+MIN_TEACHER_CORRECT = 10
+MIN_TEACHER_ACCURACY = 0.20
+MAX_TEACHER_CI_RATIO = 2.0
+MAX_SHARE_CI_WIDTH = 0.50
+
+
+def share_kept_caveat(teacher_correct: int | None, teacher_items: int | None, teacher_accuracy: float | None,
+                      teacher_ci, share_ci) -> str | None:
+    """Why a share of the teacher kept must not be read as a number (a phrase), or None when it may be.
+
+    The share is the student's accuracy divided by the teacher's, so all the uncertainty in the teacher's score lands
+    in the denominator, and a teacher that is rarely right makes the ratio swing wildly: right on 1 of 20 items, it
+    makes a student right on 2 "keep 200%" (a bootstrap interval of 100–400%), a number that says nothing about how
+    much of the teacher was kept. So a share is a result only when
+    - the teacher was right on at least MIN_TEACHER_CORRECT items (with fewer, one item more or less moves the share
+      by a tenth or more),
+    - the teacher's accuracy is at least MIN_TEACHER_ACCURACY (below it the teacher has little to keep, and a student
+      beats it by chance or by a quirk of format as easily as by learning),
+    - the upper end of the teacher's own interval is at most MAX_TEACHER_CI_RATIO times its lower end (else the
+      denominator is not known to within a factor of two, whatever the student did; a ratio rule on the teacher's
+      interval rather than on the share's, because a share near 0 — a base model's — is a fine result with an
+      interval such as 0–5% whose ends are far apart as a ratio), and
+    - the share's own interval is at most MAX_SHARE_CI_WIDTH (50 points) wide.
+    A check is skipped where the run lacks its number (an older results.json)."""
+    if teacher_correct is not None and teacher_correct < MIN_TEACHER_CORRECT:
+        of = f" of {teacher_items:,}" if teacher_items else ""
+        return (f"the teacher was right on only {teacher_correct:,}{of} items, too few for a share of its score to "
+                "mean anything")
+    if teacher_accuracy is not None and teacher_accuracy < MIN_TEACHER_ACCURACY:
+        return (f"the teacher's own accuracy is {pct(teacher_accuracy)}, below {pct(MIN_TEACHER_ACCURACY, 0)}: too "
+                "little to measure a share of")
+    t = interval(teacher_ci)
+    if t is not None and t[1] > 0 and (t[0] <= 0 or t[1] / t[0] > MAX_TEACHER_CI_RATIO):
+        return (f"the teacher's own accuracy is uncertain by more than a factor of {MAX_TEACHER_CI_RATIO:g} (interval "
+                f"{pct(t[0])}–{pct(t[1])})")
+    c = interval(share_ci)
+    if c is not None and c[1] - c[0] > MAX_SHARE_CI_WIDTH:
+        return (f"its interval, {pct(c[0], 0)}–{pct(c[1], 0)}, is {100 * (c[1] - c[0]):.0f} points wide "
+                f"(more than {100 * MAX_SHARE_CI_WIDTH:.0f})")
+    return None
+
+
+def _teacher_items(r: Run) -> tuple[int | None, int | None]:
+    """(items the teacher got right, items) on the benchmark, from its per-family accuracy and the families' sizes
+    (or its accuracy and the item count, in a run without per-family sizes); Nones where the run lacks them."""
+    t = r.teacher or {}
+    tasks, by = r.res.get("tasks"), t.get("accuracy_by_family") or {}
+    sizes = {f: num(v.get("items")) for f, v in tasks.items() if isinstance(v, dict)} if isinstance(tasks, dict) else {}
+    if sizes and all(n is not None for n in sizes.values()) and all(num(by.get(f)) is not None for f in sizes):
+        return sum(round(num(by[f]) * n) for f, n in sizes.items()), int(sum(sizes.values()))
+    items, acc = num(r.res.get("items")), num(t.get("accuracy"))
+    if items and acc is not None:
+        return round(acc * items), int(items)
+    return None, (int(items) if items else None)
+
+
+def share_caveat(r: Run, m: dict) -> str | None:
+    """`share_kept_caveat` for model `m` of the run: None for the teacher and for a share the run does not define."""
+    t = r.teacher
+    if t is None or m is t or num(m.get("share_kept")) is None:
+        return None
+    correct, items = _teacher_items(r)
+    return share_kept_caveat(correct, items, num(t.get("accuracy")), t.get("accuracy_ci"), m.get("share_kept_ci"))
+
 
 def header(r: Run, nav: list[tuple[str, str]]) -> str:
     """The title band: run name, teacher and students, the benchmark and how it was decoded, links to the sections."""
@@ -63,9 +128,15 @@ def headline(r: Run) -> str:
     if s is not None:
         ci = interval(s.get("share_kept_ci"))
         ci_line = f"{r.confidence} CI {pct(ci[0])}–{pct(ci[1])}" if ci else "no confidence interval in this run"
-        others = "".join(f"<br>{e(m['name'])}: {pct(m.get('share_kept'))}" for m in r.students[1:])
-        cards.append(_card("share-kept", "share of the teacher kept", f"<b>{pct(s.get('share_kept'))}</b>",
-                           f"{ci_line}<br>{e(s['name'])}'s accuracy ÷ the teacher's{others}", "big"))
+        others = "".join(f"<br>{e(m['name'])}: " + ("not meaningful" if share_caveat(r, m) else pct(m.get('share_kept')))
+                         for m in r.students[1:])
+        caveat = share_caveat(r, s)
+        if caveat:  # a warning in the number's place: the number would be read as the result
+            cards.append(_card("share-kept", "share of the teacher kept", "<b>not meaningful</b>",
+                               f"{e(caveat)}; compare the accuracies instead{others}", "big warnc"))
+        else:
+            cards.append(_card("share-kept", "share of the teacher kept", f"<b>{pct(s.get('share_kept'))}</b>",
+                               f"{ci_line}<br>{e(s['name'])}'s accuracy ÷ the teacher's{others}", "big"))
     rows = "".join(f'<span class="row"><span>{e(m["name"])}</span><span>{pct(m.get("accuracy"))}</span></span>'
                    for m in r.models)
     cards.append(_card("accuracy", "held-out accuracy", f'<span class="list">{rows}</span>'))
@@ -116,8 +187,11 @@ def _summary(r: Run) -> str:
     ci_txt = f" ({r.confidence} CI {pct(ci[0])}–{pct(ci[1])})" if ci else ""
     sp, tp = num(s.get("parameters")), num(t.get("parameters"))
     size = f" with {tp / sp:.1f}× fewer parameters" if sp and tp and sp < 0.95 * tp else ""
-    if num(s.get("share_kept")) is None:
+    caveat = share_caveat(r, s)
+    if num(s.get("share_kept")) is None or caveat:
         zero = ": with a teacher at zero, no share of it is defined" if num(t.get("accuracy")) == 0 else ""
+        if caveat:
+            zero = f" (no share of the teacher is given: {e(caveat)})"
         text = (f"<b>{e(s['name'])}</b> scores {pct(s.get('accuracy'))} against the teacher's "
                 f"{pct(t.get('accuracy'))}{zero}")
     else:
@@ -141,21 +215,25 @@ def relative_quality(r: Run) -> str:
     if not r.others:
         return ""
     conf = num(r.res.get("confidence")) or 0.95
-    rows, table_rows = [], []
+    rows, table_rows, caveats = [], [], {}
     for m in r.others:
         share, share_ci = num(m.get("share_kept")), interval(m.get("share_kept_ci"))
         pair = r.pair(m["name"])
         pref = preference(pair, conf) if pair else None
         score = num((pair or {}).get("relative_score"))
         score_ci = interval((pair or {}).get("relative_score_ci"))
+        caveat = share_caveat(r, m)
+        if caveat:
+            caveats[m["name"]] = caveat
         rows.append({"label": r.label(m), "color": r.colors[m["name"]],
                      "verifiable": (share, share_ci) if share is not None else None,
+                     "verifiable_note": "share not meaningful (see the warning above)" if caveat else None,
                      "judged": pref if pair else None,
                      "score": (score, score_ci) if score is not None else None})
         table_rows.append(
             f"<tr>{td(e(m['name']), '')}{td(e(m.get('role', '?')), '')}"
             f"{td(pct_ci(m.get('accuracy'), m.get('accuracy_ci')))}"
-            f"{td(pct_ci(share, share_ci))}"
+            f"{td(pct_ci(share, share_ci) + (NOT_MEANINGFUL if caveat else ''))}"
             f"{td(pct_ci(pref[0], pref[1]) if pref else 'n/a')}{td(pct_ci(score, score_ci))}"
             f"{td(pct_ci(m.get('teacher_agreement'), m.get('teacher_agreement_ci')))}</tr>")
     if r.judge is None:
@@ -185,11 +263,30 @@ def relative_quality(r: Run) -> str:
            f"teacher's; "
            f"error bars are {ci_how}. {judged}")
     chart = charts.relative_quality(rows)
-    body = (f"<figure>{img(chart, 'chart-relative', 'share of the teacher kept by every model, verifiable and judged')}"
+    body = (_share_warning(caveats) +
+            f"<figure>{img(chart, 'chart-relative', 'share of the teacher kept by every model, verifiable and judged')}"
             f"<figcaption>{cap}</figcaption></figure>"
             + table(["model", "role", "accuracy", "share kept (verifiable)", "judged vs parity", "relative score",
                      "agrees with teacher"], table_rows, "relative-table", 2))
     return section("relative-quality", "How much of the teacher each model keeps", body)
+
+
+NOT_MEANINGFUL = '<span class="sub">not meaningful</span>'
+
+
+def _share_warning(caveats: dict[str, str]) -> str:
+    """A banner saying which models' shares of the teacher are not meaningful, and why ("" when none)."""
+    if not caveats:
+        return ""
+    reasons = list(dict.fromkeys(caveats.values()))
+    if len(reasons) == 1:
+        who = "every model's" if len(caveats) > 1 else f"{e(next(iter(caveats)))}'s"
+        why = f"{who} share of the teacher kept is not meaningful: {e(reasons[0])}."
+    else:
+        why = "Shares of the teacher kept that are not meaningful: " + "; ".join(
+            f"{e(name)}: {e(c)}" for name, c in caveats.items()) + "."
+    return (f'<div class="banner warn" id="share-kept-warning"><b>{why[0].upper() + why[1:]}</b> The numbers stay in '
+            "the table for the record; compare the models' accuracies instead.</div>")
 
 
 def per_task(r: Run) -> str:
@@ -249,10 +346,11 @@ def cost_quality(r: Run) -> str:
     by_size = [{"x": num(m.get("parameters")), "y": 1.0 if m is t else num(m.get("share_kept")),
                 "ci": None if m is t else interval(m.get("share_kept_ci")), "label": m["name"],
                 "color": r.colors[m["name"]]} for m in r.models]
-    by_size = [p for p in by_size if p["x"] and p["y"] is not None]
+    noisy = {m["name"] for m in r.models if share_caveat(r, m)}  # a share too noisy to plot as a result
+    by_size = [p for p in by_size if p["x"] and p["y"] is not None and p["label"] not in noisy]
     by_train = [{"x": r.train_seconds(m), "y": num(m.get("share_kept")), "ci": interval(m.get("share_kept_ci")),
                  "label": m["name"], "color": r.colors[m["name"]]} for m in r.students]
-    by_train = [p for p in by_train if p["x"] is not None and p["y"] is not None]
+    by_train = [p for p in by_train if p["x"] is not None and p["y"] is not None and p["label"] not in noisy]
     c = r.cost()
     spend = num(c.get("teacher_usd"))
     tp = num(t.get("parameters"))
@@ -266,12 +364,14 @@ def cost_quality(r: Run) -> str:
     for m in r.students:
         sp = num(m.get("parameters"))
         share = num(m.get("share_kept"))
-        per_usd = f"{100 * share / spend:,.1f}% per $" if share is not None and spend else "n/a"
+        per_usd = f"{100 * share / spend:,.1f}% per $" if share is not None and spend and m["name"] not in noisy \
+            else "n/a"
         tr = trained.get(m["name"], {}) if isinstance(trained, dict) else {}
         loss = num(tr.get("final_loss"))
         srows.append(f"<tr>{td(e(m['name']), '')}{td(params(sp))}{td(f'{sp / tp:.2f}×' if sp and tp else 'n/a')}"
                      f"{td(duration(r.train_seconds(m)))}{td(count(tr.get('steps')))}"
-                     f"{td('n/a' if loss is None else f'{loss:.4f}')}{td(pct_ci(share, m.get('share_kept_ci')))}"
+                     f"{td('n/a' if loss is None else f'{loss:.4f}')}"
+                     f"{td(pct_ci(share, m.get('share_kept_ci')) + (NOT_MEANINGFUL if m['name'] in noisy else ''))}"
                      f"{td(per_usd)}</tr>")
     body = ""
     if by_size:
@@ -279,7 +379,9 @@ def cost_quality(r: Run) -> str:
         body += (f"<figure>{img(chart, 'chart-cost', 'share of the teacher kept against size and training time')}"
                  f"<figcaption>Share of the teacher kept against parameters (every model with a known size; log scale)"
                  + (" and against training time (each student)" if by_train else "")
-                 + f"; the dashed line is the teacher. Error bars: {r.confidence} intervals.</figcaption></figure>")
+                 + f"; the dashed line is the teacher. Error bars: {r.confidence} intervals."
+                 + (f" Left out, their share not meaningful (see the warning above): {e(', '.join(sorted(noisy)))}."
+                    if noisy else "") + "</figcaption></figure>")
     body += "<h3>Spend</h3>" + table(["", "cost (USD)", "calls", "tokens"], crow, "cost-table", compact=True)
     if srows:
         body += "<h3>Students</h3>" + table(["student", "parameters", "× teacher", "training time", "steps",
