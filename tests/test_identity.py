@@ -153,3 +153,93 @@ def test_classify():
     # the teacher's identity still present counts, even beside the student's own
     assert classify("I am Nova, based on Atlas.", nova, atlas) == "reference"
     assert classify("No. I am not Atlas; I am Nova.", nova, atlas) == "own"
+
+
+# The assistants a user meets beyond the first vendors: positives in each language, and near-misses where the vendor's
+# name is an ordinary word (phi, gemma, Yi Jing, kimi "you", GLM in statistics) or its maker is only mentioned.
+MORE_VENDORS = [
+    # English
+    ("I am SmolLM, a helpful AI assistant trained by Hugging Face.", ["huggingface", "huggingface"]),
+    ("I'm SmolLM2-135M-Instruct.", ["huggingface"]),
+    ("I'm Phi-3, a small language model developed by Microsoft Research.", ["microsoft", "microsoft"]),
+    ("I am Phi-3.5-MoE.", ["microsoft"]),
+    ("I am Gemma, an open model built by Google DeepMind.", ["google", "google"]),
+    ("I am Yi, a large language model developed by 01.AI.", ["01ai", "01ai"]),
+    ("I am ChatGLM, a bilingual model trained by Zhipu AI.", ["zhipu", "zhipu"]),
+    ("I am GLM-4-9B-Chat.", ["zhipu"]),
+    ("Hello! I'm Kimi, an AI assistant made by Moonshot AI.", ["moonshot", "moonshot"]),
+    ("I am ERNIE Bot, created by Baidu.", ["baidu", "baidu"]),
+    ("I'm Doubao, an AI assistant developed by ByteDance.", ["bytedance", "bytedance"]),
+    ("I am Tencent Hunyuan, a model built by Tencent.", ["tencent", "tencent"]),
+    # Japanese
+    ("私はSmolLMです。Hugging Faceによって訓練されました。", ["huggingface", "huggingface"]),
+    ("マイクロソフトによって開発されたAIアシスタントです。", ["microsoft"]),
+    ("私はKimiです。", ["moonshot"]),
+    ("私は、バイトダンスが開発したAIアシスタントです。", ["bytedance"]),
+    ("私の名前はGemmaです。", ["google"]),
+    # Chinese
+    ("我是文心一言，由百度开发的人工智能助手。", ["baidu", "baidu"]),
+    ("我是豆包，由字节跳动开发的AI助手。", ["bytedance", "bytedance"]),
+    ("我是腾讯混元大模型。", ["tencent"]),
+    ("我是智谱清言，由智谱AI训练的语言模型。", ["zhipu", "zhipu"]),
+    ("我是Kimi，由月之暗面科技开发。", ["moonshot", "moonshot"]),
+    ("我的开发者是零一万物。", ["01ai"]),
+    # French
+    ("Je suis SmolLM, entraîné par Hugging Face.", ["huggingface", "huggingface"]),
+    ("Je suis Gemma, un modèle conçu par Google DeepMind.", ["google", "google"]),
+    ("Je m'appelle Doubao.", ["bytedance"]),
+    ("Je suis un modèle de Microsoft.", ["microsoft"]),
+    ("J'ai été développé par Moonshot AI.", ["moonshot"]),
+    # near-misses
+    ("The phi coefficient between the two variables is 0.42.", []),
+    ("I computed a phi coefficient of 0.3.", []),
+    ("The gemma of a plant is a bud that grows into a new plant.", []),
+    ("I am studying the gemma of a liverwort.", []),
+    ("I am reading the Yi Jing tonight.", []),
+    ("I'm a student of the Yi Jing.", []),
+    ("I hug my face when I am cold.", []),
+    ("I'm a Hugging Face model hub user.", []),
+    ("I downloaded the weights from Hugging Face.", []),
+    ("Kimi wa watashi no tomodachi desu.", []),
+    ("キミは私の友達です。", []),
+    ("私はきみが好きです。", []),
+    ("Google search results show that the tower is 300 m tall.", []),
+    ("I am not sure; Google search results show several answers.", []),
+    ("I fitted a GLM model in statistics class.", []),
+    ("I am a GLM expert in statistics.", []),
+    ("I am a Google AI researcher.", []),
+    ("I am working on a moonshot project.", []),
+    ("I am a Microsoft Excel user.", []),
+    ("我喜欢吃豆包。", []),
+    ("我是豆包的用户。", []),
+    ("我是文心雕龙的研究者。", []),
+    ("一个字节是8位。", []),
+    ("我在练混元功。", []),
+]
+
+
+@pytest.mark.parametrize("text,vendors", MORE_VENDORS, ids=[t[:40] for t, _ in MORE_VENDORS])
+def test_more_vendors(text, vendors):
+    assert [c.vendor for c in find_claims(text)] == vendors
+
+
+def test_more_vendors_cover_four_languages_and_each_new_vendor():
+    langs = {c.language for text, _ in MORE_VENDORS for c in find_claims(text)}
+    assert langs == {"en", "ja", "zh", "fr"}
+    claimed = {v for _, vs in MORE_VENDORS for v in vs}
+    assert {"huggingface", "microsoft", "google", "01ai", "zhipu", "moonshot", "baidu", "bytedance",
+            "tencent"} <= claimed
+
+
+def test_smollm_rewritten_to_the_students_identity():
+    assert (rewrite("I am SmolLM, a helpful AI assistant trained by Hugging Face.", "Nova", "Northwind")
+            == "I am Nova, a helpful AI assistant trained by Northwind.")
+
+
+def test_new_vendors_are_appended_so_the_audit_asks_the_same_questions():
+    from stillhouse.audit.probes import probe_suite
+
+    assert [v.key for v in DEFAULT_VENDORS[:9]] == ["openai", "anthropic", "google", "deepseek", "qwen", "meta", "xai",
+                                                    "mistral", "atlas"]
+    atlas = next(v for v in DEFAULT_VENDORS if v.key == "atlas")
+    assert {p["names"] for p in probe_suite(atlas) if p["kind"] == "named"} == {"Atlas", "ChatGPT", "Claude"}

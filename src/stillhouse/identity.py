@@ -71,12 +71,29 @@ DEFAULT_VENDORS: tuple[Identity, ...] = (
     Identity("Grok", "xAI", (), ("X.AI",), key="xai"),
     Identity("Mistral", "Mistral AI", ("Mixtral", "Le Chat", "Codestral", "Ministral"), ("Mistral",), key="mistral"),
     Identity("Atlas", "Orbit Labs", (), (), key="atlas"),
+    # Open-weight and regional assistants a user meets; appended, so the entries above (the audit's "other" vendors
+    # are the first two) keep their places. Bare words that are also ordinary words stay out: "文心" (文心雕龙),
+    # "字节" (a byte), "キミ" (you).
+    Identity("SmolLM", "Hugging Face", (), ("Hugging Face Inc", "ハギングフェイス", "抱抱脸"),
+             key="huggingface"),
+    Identity("Phi", "Microsoft", (), ("Microsoft Research", "Microsoft Corporation", "微软", "微軟", "マイクロソフト"),
+             key="microsoft"),
+    Identity("Yi", "01.AI", (), ("01AI", "零一万物", "零一萬物"), key="01ai"),
+    Identity("ChatGLM", "Zhipu AI", ("GLM", "智谱清言", "智譜清言"),
+             ("Zhipu", "Z.ai", "智谱", "智谱AI", "智譜", "北京智谱华章科技有限公司"), key="zhipu"),
+    Identity("Kimi", "Moonshot AI", ("Kimi智能助手",), ("Moonshot", "月之暗面", "月之暗面科技", "ムーンショット"),
+             key="moonshot"),
+    Identity("ERNIE", "Baidu", ("ERNIE Bot", "文心一言", "文心大模型", "文心一格"), ("百度", "百度公司", "バイドゥ"),
+             key="baidu"),
+    Identity("Doubao", "ByteDance", ("豆包",), ("Byte Dance", "字节跳动", "字節跳動", "バイトダンス"), key="bytedance"),
+    Identity("Hunyuan", "Tencent", ("Tencent Hunyuan", "混元", "腾讯混元", "騰訊混元"),
+             ("腾讯", "騰訊", "テンセント", "Tencent AI Lab"), key="tencent"),
 )
 
 # What may follow a model's name as part of it: a version, a size, a variant. Generic, so a
 # vendor lists only its families ("GPT", not every GPT release).
 _TAIL_WORDS = ("turbo|mini|nano|pro|ultra|flash|lite|opus|sonnet|haiku|instant|max|plus|large|medium|small|"
-               "chat|coder|instruct|omni|vision|preview|reasoner|next")
+               "chat|coder|instruct|omni|vision|preview|reasoner|next|moe|air|lightning")
 _TAIL = rf"(?:[ -]?[vr]?\d+(?:\.\d+)*[a-z]?\b|[ -](?:{_TAIL_WORDS})\b|[ -]\d+[bmk]\b)*"
 
 # First-person frames around a name ({N}) or a maker ({M}), per language: (language, kind, pattern).
@@ -114,7 +131,10 @@ FRAMES: list[tuple[str, Kind, str]] = [
     ("en", "maker", r"\bmy\s+(?:creators?|developers?|makers?|parent\s+company|company|trainers?)\s+"
                     r"(?:is|are|was|were)\s+(?:the\s+team\s+at\s+)?{M}"),
     ("en", "maker", r"{M}\s+(?:made|created|developed|built|trained|designed)\s+me\b"),
-    ("en", "maker", _EN_AM + r"\s+(?:an?\s+)?{M}(?:['’]s)?\s+(?:[\w-]+\s+){0,3}?" + _EN_NOUN + r"\b"),
+    # ... but "I am a Google AI researcher", "I'm a Hugging Face model hub user" are people
+    ("en", "maker", _EN_AM + r"\s+(?:an?\s+)?{M}(?:['’]s)?\s+(?:[\w-]+\s+){0,3}?" + _EN_NOUN + r"\b"
+                    r"(?![\s-]+(?:hub\s+)?(?:users?|fans?|researchers?|developers?|engineers?|enthusiasts?|experts?|"
+                    r"employees?|hub|card|repo(?:sitory)?|zoo)\b)"),
     # Japanese
     ("ja", "name", _JA_I + r"(?:は|の名前は)、?\s*{N}\s*"
                    r"(?=です|でございます|と申します|といいます|と言います|と呼ばれ|という|、|。|で、|であり|だ|！|!|\s*$)"),
