@@ -39,7 +39,7 @@ class TrainStage(Stage):
 
         from stillhouse.models import count_parameters, resolve_model
         from stillhouse.train.sft import sft
-        from stillhouse.ui import progress_bar
+        from stillhouse.train.progress import TrainingProgress
 
         data_hash = self.inputs(recipe, run)["curated"]
         rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
@@ -50,16 +50,11 @@ class TrainStage(Stage):
         dirs, per = [], {}
         for student in recipe.students:
             t, out = recipe.train_for(student), run.student_dir(student.name)
-            with progress_bar(f"train {student.name}" if len(recipe.students) > 1 else "train", None) as advance:
-                last = [0]
-
-                def on_step(step: int, total: int, loss: float | None) -> None:
-                    advance(step - last[0], **({"loss": f"{loss:.3f}"} if loss is not None else {}))
-                    last[0] = step
-
+            # steps of the total, loss and an ETA from the first step: a bar on a terminal, else a line every 5%
+            with TrainingProgress(f"train {student.name}" if len(recipe.students) > 1 else "train") as progress:
                 result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
                              batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
-                             device=t.device, lora=t.lora.model_dump() if t.lora else None, on_step=on_step,
+                             device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
                              **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}))
             shutil.rmtree(out / "_trainer", ignore_errors=True)
             (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))

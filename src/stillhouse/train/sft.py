@@ -101,7 +101,8 @@ def _ending_on_the_answer(messages) -> list[dict]:
 def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, learning_rate: float, batch_size: int,
         max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
         on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True,
-        kd: dict | None = None, teacher_logprobs: list[list[dict] | None] | None = None) -> SFTResult:
+        kd: dict | None = None, teacher_logprobs: list[list[dict] | None] | None = None,
+        callbacks: list | None = None) -> SFTResult:
     """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`.
 
     `padding_free` (the default) trains on each batch flattened into one row without pad tokens (same samples per
@@ -182,7 +183,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
                 on_step(state.global_step, state.max_steps, _Progress.loss)
 
     trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
-                            callbacks=[_Progress()], **extra)
+                            callbacks=[_Progress(), *(callbacks or [])], **extra)  # `callbacks`: e.g. train.progress
     trainer.remove_callback(PrinterCallback)  # progress goes to our bar, not to printed dicts
     t0 = time.time()
     out = trainer.train()
