@@ -152,7 +152,7 @@ def test_judging_again_makes_no_new_calls(tmp_path):
 
 
 def test_spec_teacher_is_the_teacher_called_as_generation_calls_it():
-    from stillhouse.generate import teacher_ref
+    from stillhouse.calls import teacher_ref
 
     r = parse_recipe("name: t\nteacher:\n  spec: 'scripted:t'\n  price: {input_per_million: 1, output_per_million: 2}\n"
                      "  max_cost_usd: 3\nstudent: {base: stillhouse:base}\nevaluate: {judge: {spec: teacher}}\n")

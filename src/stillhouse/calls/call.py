@@ -143,3 +143,10 @@ class _Rate:
 
     def __str__(self) -> str:
         return f"{self.n / max(time.time() - self.t0, 1e-9):.1f}/s"
+
+
+def teacher_ref(recipe) -> ModelRef:
+    """The run's teacher as every stage calls it: spec, options, price and budget cap from the recipe."""
+    t = recipe.teacher
+    return ModelRef(t.spec, t.options, t.price.model_dump() if t.price else None, t.max_cost_usd)
+

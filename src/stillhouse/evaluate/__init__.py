@@ -39,7 +39,7 @@ def _sha(s: str) -> str:
 def run_models(recipe, run: RunDir) -> list[dict]:
     """Every model the run evaluates: name, role, how to call it, where its weights are (when local), and for a
     student its training time (the train stage's manifest)."""
-    from stillhouse.generate import teacher_ref
+    from stillhouse.calls import teacher_ref
 
     def ident(spec):
         return spec.to_identity() if spec is not None else None
@@ -70,7 +70,7 @@ def judge_ref(recipe) -> ModelRef | None:
     if j is None:
         return None
     if j.spec == "teacher":
-        from stillhouse.generate import teacher_ref
+        from stillhouse.calls import teacher_ref
 
         return teacher_ref(recipe)
     return ModelRef(j.spec, j.options, j.price.model_dump() if j.price else None, j.max_cost_usd)
@@ -310,7 +310,7 @@ def evaluate_models(models: list[dict], items: list[dict], probes: list[dict], e
 def run_cost(recipe, ledger: Ledger, judge: ModelRef | None, judge_stats: dict) -> dict:
     """What the run's teacher cost to distil from (the generate stage's calls in the ledger: USD, calls, tokens) and
     what judging cost. USD is None where the model has no known price (a local model's compute is not priced)."""
-    from stillhouse.generate import teacher_ref
+    from stillhouse.calls import teacher_ref
 
     gen = [p for p in ledger.stats()["by_stage_model"] if p["stage"] == "generate"]
     usd = sum(p["cost_usd"] or 0.0 for p in gen)

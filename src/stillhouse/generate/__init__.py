@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillhouse.calls import Ledger, ModelRef
+from stillhouse.calls import Ledger, ModelRef, teacher_ref
 from stillhouse.errors import StillhouseError
 from stillhouse.generate.methods import METHODS, GenContext, Sample, method_options, tag_of
 from stillhouse.rundir import RunDir, hash_path
@@ -22,11 +22,6 @@ from stillhouse.sources import PROMPT_SOURCES, load_prompt_items
 from stillhouse.stages import Stage, StageResult
 from stillhouse.teachers import Request
 from stillhouse.ui import console
-
-def teacher_ref(recipe) -> ModelRef:
-    t = recipe.teacher
-    return ModelRef(t.spec, t.options, t.price.model_dump() if t.price else None, t.max_cost_usd)
-
 
 def check_terms(recipe) -> None:
     """Stop with a clear message when the declared use conflicts with the teacher's terms."""
