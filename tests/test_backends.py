@@ -97,7 +97,7 @@ def test_compute_dtype_fits_the_hardware_not_the_checkpoint(monkeypatch, tiny_mo
     """A CPU without native bf16 computes in fp32 even for a bf16 checkpoint; one with it in bf16; asking wins."""
     import torch
 
-    from stillhouse.teachers import hf
+    from stillhouse import models as hf  # loading lives in stillhouse.models (teachers.hf re-exports it)
 
     monkeypatch.setattr(hf, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))  # e.g. Zen 1-3, Skylake-X
     assert hf.compute_dtype("cpu")[0] == "float32"

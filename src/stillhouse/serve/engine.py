@@ -209,7 +209,7 @@ class Engine:
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None, max_batch_tokens: int | None = None,
                  max_queue: int | None = None, watermark_logprobs: bool = False):
-        from stillhouse.teachers.hf import load_local_lm, pick_device
+        from stillhouse.models import load_local_lm, pick_device
 
         self.device = pick_device(device)
         self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype)

@@ -8,95 +8,16 @@ depend on what else shares its batch) and one logprob helper.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from concurrent.futures import FIRST_COMPLETED, wait
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
-from stillhouse.models import resolve_model
+# Loading lives in stillhouse.models, below both this backend and the serve engine; re-exported for older importers.
+from stillhouse.models import (DTYPES, compute_dtype, cpu_flags, dir_fingerprint, load_local_lm,  # noqa: F401
+                               pick_device, resolve_model)
 from stillhouse.teachers import BackendOptions, Completion, Request, Transport, split_reasoning
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def pick_device(requested: str | None = None) -> str:
-    import torch
-
-    if requested and requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return frozenset(flags)
-
-
-def compute_dtype(device: str, requested: str = "auto") -> tuple[str, str]:
-    """(dtype name, why) for running a model on `device`.
-
-    "auto" chooses by what the hardware does fast, never by the checkpoint's storage dtype:
-    a CPU without native bf16 (no AVX512-BF16 / AMX, no ARM BF16) runs a bf16 matmul about
-    100x slower than fp32, so there the answer is float32 even for a bf16 checkpoint.
-    """
-    if requested != "auto":
-        return requested, "asked for"
-    forced = os.environ.get("STILLHOUSE_DTYPE")
-    if forced:  # one switch for every local model of a run, the served teacher's process included
-        if forced not in DTYPES[1:]:
-            from stillhouse.errors import StillhouseError
-
-            raise StillhouseError(f"STILLHOUSE_DTYPE must be one of {', '.join(DTYPES[1:])}, not {forced!r}")
-        return forced, "STILLHOUSE_DTYPE"
-    if device.startswith("cuda"):
-        import torch
-
-        if torch.cuda.is_bf16_supported():
-            return "bfloat16", "this GPU has native bf16"
-        return "float32", "this GPU has no native bf16"
-    if device == "cpu":
-        flags = cpu_flags()
-        native = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-        if native:
-            return "bfloat16", f"this CPU has native bf16 ({', '.join(native)})"
-        return "float32", "this CPU has no native bf16"
-    return "float32", f"no bf16 rule for device {device!r}"
-
-
-def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[str], None] | None = None):
-    """(tokenizer with a pad token, causal LM in eval mode on `device`, weights fingerprint or None) for a local
-    model directory, `stillhouse:NAME`, or a hub name where reachable; the compute dtype fits the hardware
-    (`compute_dtype`), and the choice is logged."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    name, why = compute_dtype(device, dtype)
-    lm = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, name))
-    if log is None:
-        from stillhouse.ui import console
-
-        log = console.print
-    log(f"[dim]{model}: computing in {name} on {device} ({why})[/]")
-    fingerprint = dir_fingerprint(Path(src)) if Path(src).exists() else None
-    return tokenizer, lm.to(device).eval(), fingerprint
-
 
 class HFOptions(BackendOptions):
     batch_size: int = Transport(128, ge=1, description="most requests decoded together")
@@ -199,25 +120,3 @@ class HFBackend:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def dir_fingerprint(path: Path) -> str | None:
-    """A short hash of a model directory's weights, standing in for a server's system_fingerprint.
-
-    The first MiB of each weights file (its header and first tensors) and 32 slices spread
-    through the rest: reading whole checkpoints would take minutes for large models, and a
-    fine-tune changes weights everywhere, so the slices see it.
-    """
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            for k in range(32):
-                fh.seek(size * k // 32)
-                h.update(fh.read(1 << 16))
-    return "fp_" + h.hexdigest()[:12]
