@@ -55,19 +55,25 @@ class TrainStage(Stage):
                 result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
                              batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
                              device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
+                             identity=student.identity.model_dump() if student.identity else None,
                              **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}))
             shutil.rmtree(out / "_trainer", ignore_errors=True)
             (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
             (out / "stillhouse_provenance.json").write_text(json.dumps(
                 {"teacher": recipe.teacher.spec, "student": student.name, "base": student.base, "data_hash": data_hash,
                  "samples": len(rows), "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
-                 "train": _settings(t)}, indent=2) + "\n")
+                 "train": _settings(t),
+                 # the base template's default system prompt (a teacher's identity) and the student's in its place
+                 **({"template_system_prompt": result.template_system_prompt} if result.template_system_prompt else {})},
+                indent=2) + "\n")
             per[student.name] = {"steps": result.steps, "parameters": result.parameters,
                                  "trainable_parameters": result.trainable_parameters,
                                  "base_parameters": count_parameters(bases[student.name]),
                                  "final_loss": result.final_loss, "dropped_too_long": result.dropped_too_long,
                                  "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                                 **({"kd": result.kd} if result.kd else {})}
+                                 **({"kd": result.kd} if result.kd else {}),
+                                 **({"template_system_prompt": result.template_system_prompt}
+                                    if result.template_system_prompt else {})}
             dirs.append(out)
         first = per[recipe.students[0].name]
         counts = {"samples": len(rows), **first, "students": per}

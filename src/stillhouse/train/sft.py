@@ -20,6 +20,9 @@ class SFTResult:
     final_loss: float | None
     dropped_too_long: int = 0
     kd: dict | None = None  # logit distillation: how many samples and tokens had the teacher's distribution
+    # the system prompt the base's chat template injected into conversations without one ("You are Qwen, created by
+    # Alibaba Cloud. ...") and what the student's template injects instead (its declared identity, or nothing)
+    template_system_prompt: dict | None = None
 
 
 # Padding-free batches on CPU. TRL's `padding_free=True` flattens a batch into one row with `position_ids` restarting at 0
@@ -102,23 +105,32 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
         on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True,
         kd: dict | None = None, teacher_logprobs: list[list[dict] | None] | None = None,
-        callbacks: list | None = None) -> SFTResult:
+        callbacks: list | None = None, identity: dict | None = None) -> SFTResult:
     """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`.
 
     `padding_free` (the default) trains on each batch flattened into one row without pad tokens (same samples per
     step, same loss); `False` pads each batch to its longest sample as before.
 
     `kd` (loss, alpha, beta, min_aligned: `stillhouse.train.kd`) adds logit distillation towards
-    `teacher_logprobs`, the ledger's per-token logprob entries of each row's answer (None where there are none)."""
+    `teacher_logprobs`, the ledger's per-token logprob entries of each row's answer (None where there are none).
+
+    A chat template that injects a default system prompt into a conversation without one (SmolLM2's, Qwen2.5's: the
+    teacher's identity, for a student made from the teacher's tokenizer) is rewritten before any sample is rendered
+    to inject `identity`'s instead ("You are Nova, made by Northwind."; name and maker), or nothing without one: the
+    samples are learned under it, and the saved student's template keeps it (`stillhouse.templates`)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from stillhouse.templates import identity_system_prompt, replace_injected_system_prompt
 
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     tok = AutoTokenizer.from_pretrained(base)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    own_prompt = identity_system_prompt(identity)
+    injected = replace_injected_system_prompt(tok, own_prompt)  # before any rendering: training and the saved template
     attn = register_varlen_attention() if padding_free else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attn)
     peft_config = None
@@ -203,6 +215,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         trainable_parameters=trainable,
         steps=out.global_step, seconds=round(seconds, 2), tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         final_loss=_Progress.loss, dropped_too_long=len(rows) - len(kept), kd=kd_counts,
+        template_system_prompt={"injected": injected, "replaced_by": own_prompt} if injected else None,
     )
 
 
