@@ -168,3 +168,74 @@ def test_training_renders_no_sample_under_the_teachers_identity(qwen_style_base,
     student = AutoTokenizer.from_pretrained(tmp_path / "s")
     assert injected_system_prompt(student) == expected
     assert "Qwen" not in render(student)
+
+
+def _recipe(tmp_path, teacher: str, base, identity: str = ""):
+    from stillhouse.recipe import parse_recipe
+
+    return parse_recipe(f"""name: t
+run_dir: {tmp_path / 'run'}
+teacher: {{spec: "{teacher}"}}
+prompts: {{source: world, n: 6}}
+generation: {{max_tokens: 4}}
+curate: {{filters: [{{name: exact_dedup}}]}}
+student: {{base: "{base}"{identity}}}
+train: {{epochs: 1, learning_rate: 0.001, batch_size: 4, max_length: 256}}
+""")
+
+
+def test_a_local_teachers_template_prompt_travels_with_each_sample_and_never_reaches_the_student(qwen_style_base,
+                                                                                                   tmp_path):
+    """The teacher (and the student's base: the teacher's tokenizer) injects "You are Qwen": each generated sample
+    records it; the trained student's template injects the student's declared identity instead."""
+    import json
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from stillhouse.stages import get_stage, open_run
+
+    r = _recipe(tmp_path, f"hf:{qwen_style_base}", qwen_style_base, ", identity: {name: Nova, maker: Northwind}")
+    run = open_run(r)
+    for stage in ("generate", "curate", "train"):
+        get_stage(stage).run(r, run)
+    rows = pq.read_table(run.generated).to_pylist()
+    assert rows and all(x["teacher_template_known"] and x["teacher_template_system_prompt"] == QWEN_DEFAULT
+                        for x in rows)
+    assert all(x["messages"][0]["role"] == "user" for x in rows)  # the samples themselves never carried it
+    student = AutoTokenizer.from_pretrained(run.root / "student")
+    assert injected_system_prompt(student) == "You are Nova, made by Northwind."
+    prov = json.loads((run.root / "student" / "stillhouse_provenance.json").read_text())
+    assert prov["template_system_prompt"] == {"injected": QWEN_DEFAULT, "replaced_by": "You are Nova, made by Northwind."}
+
+
+def test_an_api_teachers_template_is_unknown(tmp_path, tiny_models):
+    import pyarrow.parquet as pq
+
+    from stillhouse.stages import get_stage, open_run
+
+    r = _recipe(tmp_path, "scripted:helper", tiny_models["base"])
+    run = open_run(r)
+    get_stage("generate").run(r, run)
+    rows = pq.read_table(run.generated).to_pylist()
+    assert rows and all(x["teacher_template_known"] is False and x["teacher_template_system_prompt"] is None
+                        for x in rows)
+
+
+def test_a_sample_with_its_own_system_message_records_no_template_prompt(qwen_style_base, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from stillhouse.stages import get_stage, open_run
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Reverse abc."}]}) + "\n"
+                       + json.dumps({"prompt": "Reverse xyz."}) + "\n")
+    r = _recipe(tmp_path, f"hf:{qwen_style_base}", qwen_style_base).model_copy(deep=True)
+    r.prompts.source, r.prompts.n = str(prompts), None
+    run = open_run(r)
+    get_stage("generate").run(r, run)
+    by_first = {x["messages"][0]["role"]: x["teacher_template_system_prompt"] for x in pq.read_table(run.generated).to_pylist()}
+    assert by_first == {"system": None, "user": QWEN_DEFAULT}

@@ -113,3 +113,21 @@ def replace_injected_system_prompt(tokenizer: Any, new: str | None) -> str | Non
     raise StillhouseError(f"the student's chat template injects the system prompt {found!r} when a conversation has "
                           "none, and stillhouse could not rewrite it; edit chat_template in the student base's "
                           "tokenizer_config.json (or chat_template.jinja) so it injects none")
+
+
+def teacher_template_system_prompt(spec: str) -> tuple[bool, str | None]:
+    """(whether the teacher's chat template can be seen, the system prompt it injects into a conversation without one)
+    for a teacher spec `BACKEND:MODEL`. A local (`hf`) teacher's template is its tokenizer's; an API teacher renders
+    with the server's own template, which no client sees: (False, None)."""
+    backend, _, model = spec.partition(":")
+    if backend != "hf":
+        return False, None
+    from transformers import AutoTokenizer
+
+    from stillhouse.models import resolve_model
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    except Exception:  # the backend loaded it to answer; a tokenizer that will not load again says nothing of its template
+        return False, None
+    return True, injected_system_prompt(tok)

@@ -2,7 +2,9 @@
 
 Each row is an OpenAI chat `messages` list (the prompt and the teacher's answer) plus the
 provenance of that answer: backend, requested and reported model, fingerprint, sampling
-parameters, prompt-template hash, timestamp and the request's cache key. Every call goes
+parameters, prompt-template hash, timestamp and the request's cache key, and the system prompt
+the teacher's chat template added unseen (`teacher_template_system_prompt`; a local teacher's,
+where `teacher_template_known`: an API teacher's template is the server's). Every call goes
 through the ledger (`stillhouse.calls`).
 """
 
@@ -116,11 +118,17 @@ class GenerateStage(Stage):
 
 
 def _rows(recipe, samples: list[Sample]) -> list[dict]:
+    from stillhouse.templates import teacher_template_system_prompt
+
     backend, model = recipe.teacher.spec.split(":", 1)
     method = recipe.generation.method
+    # A chat template may add a system prompt the samples do not keep ("You are Qwen, created by Alibaba Cloud. ..."):
+    # the teacher answered under it. Known for a local teacher, hidden behind an API.
+    template_known, template_system = teacher_template_system_prompt(recipe.teacher.spec)
     rows = []
     for s in samples:
         c = s.call.completion
+        own_system = any(m.get("role") == "system" for m in s.request.messages)
         rows.append({
             "messages": s.messages,
             "reasoning": c.reasoning, "finish_reason": c.finish_reason,
@@ -130,6 +138,8 @@ def _rows(recipe, samples: list[Sample]) -> list[dict]:
             "sampling_params": json.dumps(s.request.params(), sort_keys=True), "sample_index": s.request.sample_index,
             "generation_method": method, "prompt_template_hash": None, "ledger_key": s.key,
             "teacher_terms": recipe.teacher.terms,
+            "teacher_template_known": template_known,
+            "teacher_template_system_prompt": None if own_system else template_system,
             "created_at": datetime.fromtimestamp(s.call.created_at, timezone.utc).isoformat(timespec="seconds"),
             **s.columns,
         })
