@@ -23,6 +23,7 @@ from pathlib import Path
 from stillhouse.errors import StillhouseError
 
 MARKER = "stillhouse_gguf.json"
+FORMAT = 1  # bumped when a conversion would come out differently: older caches are then rebuilt
 GGUF_MAGIC = b"GGUF"
 INSTALL_HINT = "pip install 'stillhouse[gguf]'"
 
@@ -65,7 +66,8 @@ def file_sha256(path: Path) -> str:
 
 def _complete(d: Path, sha: str) -> bool:
     try:
-        return json.loads((d / MARKER).read_text())["sha256"] == sha and (d / "config.json").is_file()
+        record = json.loads((d / MARKER).read_text())
+        return record["sha256"] == sha and record.get("format") == FORMAT and (d / "config.json").is_file()
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -94,17 +96,22 @@ def materialize(path: Path, log=None) -> Path:
 
         log = console.print
     log(f"[dim]{path.name}: dequantizing into a Hugging Face directory at {out} (once; cached by its sha256)[/]")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared $STILLHOUSE_CACHE from its other users
         (tmp / ".pid").write_text(str(os.getpid()))
         _convert(path, tmp, sha)
         (tmp / ".pid").unlink()
         _publish(tmp, out, sha)
+    except OSError as e:  # a read-only home, a full disk
+        raise StillhouseError(f"cannot write the model converted from {str(path)!r} to {str(out.parent)!r} "
+                              f"({e.strerror or e}); set STILLHOUSE_CACHE to a writable directory with room") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was published
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was published
     return out
 
 
@@ -189,6 +196,9 @@ def _convert(path: Path, out: Path, sha: str) -> None:
         quantizer.remove_quantization_config(lm)
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    import transformers
+
     record = {"source": str(path.resolve()), "sha256": sha, "size": path.stat().st_size, "dtype": dtype,
-              "gguf_tensor_types": types, "architecture": lm.config.model_type}
+              "gguf_tensor_types": types, "architecture": lm.config.model_type, "format": FORMAT,
+              "transformers": transformers.__version__}
     (out / MARKER).write_text(json.dumps(record, indent=1) + "\n")
