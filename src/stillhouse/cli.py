@@ -151,49 +151,56 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
 
 
 @app.command("chat")
-def chat_cmd(target: str = typer.Argument(..., help="a local model directory, or the /v1 URL of an OpenAI-compatible "
-                                                    "server", show_default=False),
+def chat_cmd(target: str = typer.Argument(..., help="a local model directory (or stillhouse:NAME), or the /v1 URL of "
+                                                    "an OpenAI-compatible server", show_default=False),
              model: str = typer.Option(None, help="model id at the server (default: its first)"),
              api_key_env: str = typer.Option(None, help="environment variable holding the server's key"),
-             max_tokens: int = typer.Option(256), temperature: float = typer.Option(0.7)) -> None:
-    """Chat with a model in the terminal, tokens streamed as they arrive; Ctrl-D or /exit ends it."""
+             max_tokens: int = typer.Option(256, help="most tokens per reply (capped to the context the prompt "
+                                                      "leaves)"),
+             temperature: float = typer.Option(0.7)) -> None:
+    """Chat with a model in the terminal, tokens streamed as they arrive; Ctrl-D or /exit ends it. Each request is
+    fitted to the model's context (the oldest turns dropped, with a note, when the conversation outgrows it)."""
     import contextlib
 
     import openai
 
+    from stillhouse.chat import converse, local_counter, served_context
     from stillhouse.serve import running
 
+    if max_tokens < 1:
+        raise StillhouseError(f"--max-tokens must be at least 1, not {max_tokens}")
     with contextlib.ExitStack() as stack:
-        url = target if target.startswith(("http://", "https://")) else stack.enter_context(
-            running(target, model_name=Path(target).name))
+        remote = target.startswith(("http://", "https://"))
+        context = count = None
+        if not remote:  # the model is here: count exactly, as the server renders the conversation
+            from stillhouse.models import resolve_model
+
+            context, count = local_counter(resolve_model(target))
+        url = target if remote else stack.enter_context(running(target, model_name=Path(target).name))
         key = os.environ.get(api_key_env, "") if api_key_env else "none"
         client = openai.OpenAI(base_url=url, api_key=key or "none", max_retries=2)
         try:
-            name = model or client.models.list().data[0].id
+            listed = client.models.list().data
         except openai.OpenAIError as e:
-            raise StillhouseError(f"cannot reach a model at {url}: {type(e).__name__}") from None
-        history: list[dict] = []
-        print(f"chatting with {name} at {url}; Ctrl-D or /exit to end", flush=True)
-        while True:
-            try:
-                line = input("you> ")
-            except EOFError:
-                print()
-                return
-            if line.strip() in ("/exit", "/quit"):
-                return
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            print("assistant> ", end="", flush=True)
-            reply = []
-            for chunk in client.chat.completions.create(model=name, messages=history, stream=True,
-                                                        max_tokens=max_tokens, temperature=temperature):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    reply.append(chunk.choices[0].delta.content)
-                    print(reply[-1], end="", flush=True)
-            print(flush=True)
-            history.append({"role": "assistant", "content": "".join(reply)})
+            if model is None:
+                raise StillhouseError(f"cannot reach a model at {url}: {type(e).__name__}") from None
+            listed = []
+        if not listed and model is None:
+            raise StillhouseError(f"the server at {url} lists no model; name one with --model")
+        name = model or listed[0].id
+        if context is None:
+            context = next((served_context(m) for m in listed if m.id == name), None)
+        print(f"chatting with {name} at {url}" + (f" ({context:,}-token context)" if context else "")
+              + "; Ctrl-D or /exit to end", flush=True)
+
+        def ask() -> str:
+            return input("you> ")
+
+        try:
+            converse(client, name, (), sys.stdout, max_tokens=max_tokens, temperature=temperature, context=context,
+                     count=count, ask=ask)
+        except KeyboardInterrupt:
+            print()
 
 
 watermark_app = typer.Typer(help="Watermark keys, as a provider who wants to recognise its outputs runs them.",
