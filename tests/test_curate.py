@@ -393,7 +393,7 @@ def test_card_front_matter_and_the_parquet_beside_it(tmp_path):
                                 "data_files": [{"split": "train", "path": "curated.parquet"}]}]
     assert meta["size_categories"] == ["n<1K"] and meta["license"] == "other" and "distillation" in meta["tags"]
     assert meta["license_name"] == "OpenAI Terms of Use" and meta["task_categories"] == ["text-generation"]
-    assert "12 generated rows in, 3 out." in text
+    assert "12 generated rows in, 3 out: 9 dropped." in text
     assert "| exact_dedup | 4 | 8 | 0 | 0 | exact duplicate (prompt+answer): 8 | - |" in text
     assert ("| identity | 3 | 0 | 3 | 0 | - | rewrote the identity of atlas: 2; "
             "rewrote the identity of anthropic: 1 |") in text
