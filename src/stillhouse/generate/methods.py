@@ -233,6 +233,8 @@ class SelfInstructOptions(MethodOptions):
     temperature: float = Field(1.0, ge=0, le=2, description="the teacher's temperature when proposing tasks")
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
+    answer_prompts: bool = Field(False, description="also answer the recipe's prompt set (`prompts`), as the "
+                                                    "`responses` method would, beside the new tasks")
 
 
 def _read_seeds(path: str | None) -> list[dict]:
@@ -313,8 +315,15 @@ class SelfInstruct:
             raise StillhouseError(f"self_instruct: the teacher proposed no usable new task in {counts['requests']} "
                                   "requests; check that it follows the numbered 'Instruction:' format")
         reqs = [ctx.request([{"role": "user", "content": task_prompt(t)}]) for t in kept]
+        none = {"reference_answer": None, "family": None} if opts.answer_prompts else {}
         samples = _answered(ctx, reqs, tag_of(self.name, "{instruction}\n\n{input}"), "self-instruct: answer",
-                            [{"instruction": t["instruction"], "input": t["input"]} for t in kept])
+                            [{"instruction": t["instruction"], "input": t["input"], **none} for t in kept])
+        if opts.answer_prompts:  # the prompt set too, keyed exactly as the responses method keys it
+            k = ctx.recipe.generation.samples_per_prompt
+            preqs = [ctx.request(it["messages"], sample_index=j) for it in ctx.items for j in range(k)]
+            samples += _answered(ctx, preqs, tag_of(Responses.name, Responses.TEMPLATE), "generate",
+                                 [{"instruction": None, "input": None, **r} for r in _references(ctx.items, k)])
+            counts["prompts"] = len(ctx.items)
         return MethodResult(samples, {**counts, "kept_instructions": len(kept), "seeds": len(seeds)})
 
     @staticmethod
