@@ -311,13 +311,13 @@ class SelfInstruct:
                         counts["not_novel"] += 1
                     elif len(kept) < opts.n_instructions:
                         kept.append(t)
-        if not kept:
+        if not kept and not opts.answer_prompts:  # with the prompt set answered too, the run goes on without them
             raise StillhouseError(f"self_instruct: the teacher proposed no usable new task in {counts['requests']} "
                                   "requests; check that it follows the numbered 'Instruction:' format")
         reqs = [ctx.request([{"role": "user", "content": task_prompt(t)}]) for t in kept]
         none = {"reference_answer": None, "family": None} if opts.answer_prompts else {}
         samples = _answered(ctx, reqs, tag_of(self.name, "{instruction}\n\n{input}"), "self-instruct: answer",
-                            [{"instruction": t["instruction"], "input": t["input"], **none} for t in kept])
+                            [{"instruction": t["instruction"], "input": t["input"], **none} for t in kept]) if kept else []
         if opts.answer_prompts:  # the prompt set too, keyed exactly as the responses method keys it
             k = ctx.recipe.generation.samples_per_prompt
             preqs = [ctx.request(it["messages"], sample_index=j) for it in ctx.items for j in range(k)]
