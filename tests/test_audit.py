@@ -130,7 +130,9 @@ def test_audit_command_flags_a_model_that_claims_the_reference_and_clears_one_th
     assert r.exit_code == 0, r.output
     ev = json.loads((out / "evidence.json").read_text())
     t = ev["tests"]["identity"]
-    assert t["claims_reference"] == t["probes"] >= 180  # every probe, in every wrapper, answered "I am ChatGPT"
+    assert t["claims_reference_answers"] == t["probes"] >= 180  # every probe, in every wrapper, said "I am ChatGPT"
+    assert t["claims_reference"] == t["questions"] >= 55  # counted once per question (its wrappers are one unit)
+    assert "stated bound" in t["null"]  # no pool: the null rate is the stated 1%, and the evidence says so
     assert t["p_value"] < 1e-100 and ev["verdict"]["distilled"]
     assert {a["wrapper"] for a in t["answers"]} == {"plain", "roleplay", "injection"}
     # asked again: every answer from the ledger, the same evidence
@@ -226,8 +228,14 @@ audit:
   null_keys: 5
   candidates: [{{name: teacher, model: teacher}}, {{name: other, model: "{tiny_models['base']}"}}]
 """)
+    # the candidates and the control are the provenance test's pool, but these tiny models answer nothing (or noise):
+    # refused in one message, never a silent pass
+    with pytest.raises(StillhouseError, match="answered none|no pool model is competent"):
+        run_all(load_recipe(recipe_path))
+    assert not (tmp_path / "run" / "audit" / "summary.json").exists()
+    recipe_path.write_text(recipe_path.read_text().replace("  null_keys: 5\n", "  null_keys: 5\n  provenance: false\n"))
     recipe = load_recipe(recipe_path)
-    run_all(recipe)
+    run_all(recipe)  # the finished stages before the audit are kept
     run = tmp_path / "run"
     summary = json.loads((run / "audit" / "summary.json").read_text())
     assert [r["suspect"] for r in summary["suspects"]] == ["student", "ctrl"] and summary["watermark"]

@@ -263,6 +263,13 @@ def audit_cmd(ctx: typer.Context,
               n: int = typer.Option(200, help="how many of those prompts"),
               candidate: list[str] = typer.Option(None, "--candidate", help="NAME=SPEC: a candidate teacher for "
                                                                             "attribution (model or .jsonl texts)"),
+              reference_model: str = typer.Option(None, "--reference-model", help="the reference model itself (a "
+                                                  "local model, a .gguf, BACKEND:MODEL, or a .jsonl of its answers), "
+                                                  "for the provenance test"),
+              pool: list[str] = typer.Option(None, "--pool", help="NAME=SPEC: a model unrelated to the reference; "
+                                                                  "the provenance test and the identity null use them"),
+              temperature: float = typer.Option(0.0, help="every model's answers to --prompts are sampled at this "
+                                                          "(the recipe stage's default too)"),
               base_url: str = typer.Option(None, help="the suspect's OpenAI-compatible endpoint"),
               identity_null_rate: float = typer.Option(0.01, help="the rate at which a model that never saw the "
                                                                   "reference's data claims its identity"),
@@ -273,7 +280,8 @@ def audit_cmd(ctx: typer.Context,
                                                                  "`audit:` section; the run's students as suspects)"),
               force: bool = typer.Option(False, "--force", help="with --recipe: redo the stage even if finished")
               ) -> None:
-    """Audit a suspect against a reference: identity probes, watermark radioactivity, attribution, one verdict."""
+    """Audit a suspect against a reference: provenance against a pool of unrelated models, identity probes, watermark
+    radioactivity, attribution, one verdict."""
     if ctx.invoked_subcommand is not None:
         return
     if recipe is not None:
@@ -295,10 +303,18 @@ def audit_cmd(ctx: typer.Context,
     ev = run_audit(suspect, out, reference_identity=_identity_opt(reference, "--reference"),
                    suspect_identity=_identity_opt(suspect_identity, "--suspect-identity"),
                    watermark_key=watermark_key, tokenizer=tokenizer, prompts=prompts, n_prompts=n,
-                   candidates=cands or None, base_url=base_url, identity_null_rate=identity_null_rate, alpha=alpha,
-                   null_keys=null_keys)
+                   candidates=cands or None, reference=reference_model, pool=_named(pool or [], "--pool", "SPEC") or None,
+                   base_url=base_url, identity_null_rate=identity_null_rate, alpha=alpha, null_keys=null_keys,
+                   temperature=temperature)
     for name, t in ev["tests"].items():
-        console.print(f"{name}: p-value [bold]{t['p_value']:.3g}[/]")
+        note = ""
+        if name == "provenance":
+            tt = t["test"]
+            note = (f" (closer to the reference than to {t['closest']} on {tt['closer_to_reference']} of "
+                    f"{tt['prompts']} held-out prompts, to {t['closest']} on {tt['closer_to_other']})")
+        elif name == "identity":
+            note = f" ({t['claims_reference']} of {t['questions']} questions claim the reference; null {t['null']})"
+        console.print(f"{name}: p-value [bold]{t['p_value']:.3g}[/]{note}")
     if "attribution" in ev["reported"]:
         a = ev["reported"]["attribution"]
         console.print(f"attribution: reads like [bold]{a['likeliest']}[/] (mean probability "
@@ -306,8 +322,8 @@ def audit_cmd(ctx: typer.Context,
                       f"chance {a['chance']:.0%})")
     v = ev["verdict"]
     if v:
-        console.print(f"verdict: [bold]{v['verdict']}[/] (Holm at alpha {v['alpha']:g}: false-positive rate at most "
-                      f"{v['false_positive_rate_at_most']:g}; deciding test {v['deciding_test']})")
+        console.print(f"verdict: [bold]{v['verdict']}[/] (Holm at alpha {v['alpha']:g}; deciding test "
+                      f"{v['deciding_test']}): {v['guarantee']}")
     console.print(f"evidence: {Path(out) / 'evidence.json'}")
 
 

@@ -52,9 +52,34 @@ def probe_suite(reference: Identity, *, languages=tuple(ASK), wrappers=("plain",
         for target in (reference, *others):
             qs += [(q.format(name=target.name, maker=target.maker), "named", target.name) for q in NAMED[lang]]
         for w in wrappers:
-            out += [{"prompt": WRAPPERS[w].format(q=q), "language": lang, "kind": kind, "names": named, "wrapper": w}
-                    for q, kind, named in qs]
+            out += [{"prompt": WRAPPERS[w].format(q=q), "question": q, "language": lang, "kind": kind,
+                     "names": named, "wrapper": w} for q, kind, named in qs]
     return out
+
+
+def by_question(probes: list[dict], claims: list[str]) -> list[bool]:
+    """One unit per question: does any of its wrappers' answers claim the reference's identity? The wrappers of one
+    question are near-copies of it, so their answers are not independent trials; the question is."""
+    units: dict[tuple[str, str], bool] = {}
+    for pr, c in zip(probes, claims):
+        k = (pr["language"], pr.get("question", pr["prompt"]))
+        units[k] = units.get(k, False) or c == "reference"
+    return list(units.values())
+
+
+def identity_p(suspect: list[bool], null: list[bool] | None, null_rate: float) -> tuple[float, str]:
+    """The identity test's p-value from per-question claims and how its null was set: against the claims of models
+    that never saw the reference's data (Fisher's exact test, one-sided, when `null` is given: a rate measured, not
+    assumed), or else against the stated bound `null_rate` (the exact binomial tail)."""
+    from scipy.stats import binomtest, fisher_exact
+
+    k, n = sum(suspect), len(suspect)
+    if null:
+        k0, n0 = sum(null), len(null)
+        p = fisher_exact([[k, n - k], [k0, n0 - k0]], alternative="greater").pvalue
+        return float(p), f"measured: {k0} of {n0} pool questions claim the reference (Fisher's exact test)"
+    return float(binomtest(k, n, null_rate, alternative="greater").pvalue) if n else 1.0, \
+        f"assumed: at most {null_rate:g} of questions claim the reference without its data (stated bound)"
 
 
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:

@@ -338,7 +338,8 @@ class WhiteboxResult:
     green_mass: float  # mean over contexts of the suspect's probability mass on the context's green list
     expected: float  # its value under the null: the scheme's green share
     z: float
-    p_value: float  # one-sided, normal over the sum of independent contexts (see `whitebox`)
+    p_value: float  # one-sided, a Chernoff bound on the tail of the green mass's sum (see `chernoff_p`)
+    p_normal: float = 1.0  # the normal approximation's tail, for reference: smaller than the bound, not guaranteed
     null_keys: int = 0
     null_z: list[float] = field(default_factory=list)
     empirical_p: float | None = None
@@ -354,8 +355,10 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     c's green list. A green list that does not depend on the suspect is a
     uniformly random k-subset of the V tokens, so E[S_c] = k/V and Var[S_c] = k(V-k)/(V(V-1)) * sum_t (p_c(t) - 1/V)^2
     (sampling without replacement). Contexts hash to independent lists, so Z = sum_c (S_c - k/V) / sqrt(sum_c Var)
-    is approximately standard normal; its one-sided tail is the p-value, and the same statistic under `null_keys`
-    random keys gives an empirical null beside it.
+    is approximately standard normal. Its normal tail is reported as `p_normal`, but a normal tail over at most |V|
+    near-Bernoulli terms understates the truth far out (42 green of 102 at 1/4: 4.5e-5 normal, 1.5e-4 exact), so the
+    p-value is `chernoff_p`'s bound, valid at any number of contexts; the same statistic under `null_keys` random
+    keys gives an empirical (permutation) null beside it, whose resolution is 1/(null_keys + 1).
     """
     import math
 
@@ -418,8 +421,53 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     rng = random.Random(f"whitebox-null:{seed}")
     nulls = [z_of({**key, "hashing_key": rng.getrandbits(63)})[0] for _ in range(null_keys)]
     emp = (1 + sum(n >= z for n in nulls)) / (1 + len(nulls)) if nulls else None
+    green = GreenLists(key, vocab).processor
+    observed = 0.0
+    for r, c in enumerate(contexts):
+        observed += float(means[r, green._get_greenlist_ids(torch.tensor(c, dtype=torch.long))].sum())
     return WhiteboxResult(contexts=len(contexts), green_mass=mass, expected=size / vocab, z=z,
-                          p_value=float(norm.sf(z)), null_keys=len(nulls), null_z=nulls, empirical_p=emp)
+                          p_value=chernoff_p(means, size / vocab, observed), p_normal=float(norm.sf(z)),
+                          null_keys=len(nulls), null_z=nulls, empirical_p=emp)
+
+
+def chernoff_p(means, gamma: float, observed: float, top: int = 256) -> float:
+    """A bound on P(sum_c S_c >= observed) when each row's green list is a uniformly random subset holding a share
+    `gamma` of the vocabulary, independently across rows (S_c: row c's probability mass on its list).
+
+    The indicators "token t is green" of one random subset are negatively associated, so the moment generating
+    function of S_c is at most that of independent Bernoulli(gamma) indicators (Dubhashi and Ranjan 1998):
+    E exp(l S_c) <= prod_t (1 - gamma + gamma exp(l p_c(t))). Chernoff's bound, minimised over l >= 0, is then valid
+    at any number of rows; on one-hot rows it is the binomial's Chernoff bound. Tokens outside a row's `top` largest
+    enter through the bound log(1 + gamma(e^x - 1)) <= gamma(e^x - 1) <= gamma (m / eps)(e^(l eps) - 1) for mass m
+    spread over tokens of at most eps each, so a 150K vocabulary costs what `top` tokens do. Written here because
+    no library bounds this sum; scipy minimises the convex exponent."""
+    import math
+
+    import torch
+    from scipy.optimize import minimize_scalar
+
+    m = means.double()
+    rows, vocab = m.shape
+    if observed <= gamma * float(m.sum()) or rows == 0:
+        return 1.0
+    k = min(top, vocab)
+    head, _ = torch.topk(m, k, dim=-1)
+    tail = (m.sum(-1) - head.sum(-1)).clamp_min(0.0)  # mass outside the top k
+    eps = head[:, -1] if k < vocab else torch.zeros(rows, dtype=m.dtype)
+    lg, l1g = math.log(gamma), math.log1p(-gamma)
+
+    def exponent(lam: float) -> float:
+        log_mgf = torch.logaddexp(torch.full_like(head, l1g), lg + lam * head).sum()
+        if k < vocab:
+            safe = eps.clamp_min(1e-30)
+            log_mgf = log_mgf + (gamma * tail / safe * torch.expm1(lam * safe)).sum()
+        return float(log_mgf) - lam * observed
+
+    hi = 1.0
+    while exponent(2 * hi) < exponent(hi) and hi < 1e6:
+        hi *= 2
+    res = minimize_scalar(exponent, bounds=(0.0, 2 * hi), method="bounded", options={"xatol": 1e-6})
+    return float(min(1.0, math.exp(min(0.0, res.fun))))
 
 
 def audit_texts(texts_path: str | Path, key_path: str | Path, tokenizer_dir: str, *, null_keys: int = 200,

@@ -48,13 +48,25 @@ class AuditSpec(BaseModel):
                                                   "the watermark and attribution tests; answers that leave the model "
                                                   "free (names, descriptions) show a watermark best")
     n_prompts: int = Field(200, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, description="every model's answers to `prompts` (the CLI's default too)")
     max_tokens: int = Field(96, ge=1)
     candidates: list[CandidateSpec] = Field(default_factory=list, description="teachers attribution chooses among")
+    pool: list[CandidateSpec] = Field(default_factory=list, description="models unrelated to the teacher for the "
+                                                                        "provenance test and the identity null; the "
+                                                                        "candidates other than the teacher and the "
+                                                                        "recipe's controls join them")
+    provenance: bool = Field(True, description="run the provenance test against the pool (the candidates other than "
+                                               "the teacher, the recipe's controls and `pool`) when it has models")
     alpha: float = Field(1e-3, gt=0, lt=1, description="the verdict's family-wise false-positive rate")
     null_keys: int = Field(200, ge=0)
-    identity_null_rate: float = Field(0.01, gt=0, lt=1)
+    identity_null_rate: float = Field(0.01, gt=0, lt=1, description="the stated bound the identity test uses when "
+                                                                      "there is no pool to measure it on")
     seed: int = 0
+
+
+def _key(target) -> str:
+    """What two audit targets are compared by: a model's spec or a texts file's path."""
+    return getattr(target, "spec", str(target))
 
 
 def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]]:
@@ -83,7 +95,8 @@ def _suspects(recipe, run: RunDir, spec: AuditSpec) -> list[tuple[str, Any, Any]
 
 class AuditStage(Stage):
     name = "audit"
-    summary = "Audit the run's students against the teacher: identity probes, watermark radioactivity, attribution."
+    summary = ("Audit the run's students against the teacher: provenance against unrelated models, identity probes, "
+               "watermark radioactivity, attribution.")
     reads = ("students",)
     writes = ("audit",)
     section = "audit"
@@ -112,38 +125,48 @@ class AuditStage(Stage):
             read_key(spec.watermark_key)
             if spec.tokenizer is None:
                 raise StillhouseError("audit.watermark_key needs audit.tokenizer (the teacher's tokenizer)")
-        if (spec.watermark_key or spec.candidates) and spec.prompts is None:
-            raise StillhouseError("audit: the watermark and attribution tests need audit.prompts")
+        if (spec.watermark_key or spec.candidates or spec.pool or recipe.controls) and spec.prompts is None:
+            raise StillhouseError("audit: the watermark, provenance and attribution tests need audit.prompts")
+        if any(c.model == "teacher" for c in spec.pool):
+            raise StillhouseError("audit.pool: the teacher is the reference; the pool holds models unrelated to it")
 
     def execute(self, recipe, run: RunDir) -> StageResult:
         from stillhouse.audit.run import run_audit
         from stillhouse.calls import ModelRef
-        from stillhouse.generate import teacher_ref
+        from stillhouse.calls import teacher_ref
         from stillhouse.models import backend_spec
 
         spec: AuditSpec = self.section_config(recipe)
         reference = recipe.teacher.identity and recipe.teacher.identity.to_identity()
-        candidates = {}
-        for c in spec.candidates:
+        def ref_of(c: CandidateSpec):
             if c.model == "teacher":
-                candidates[c.name] = teacher_ref(recipe)
-            elif c.model.endswith(".jsonl"):
-                candidates[c.name] = c.model
-            else:
-                candidates[c.name] = ModelRef(backend_spec(c.model), c.options)
+                return teacher_ref(recipe)
+            return c.model if c.model.endswith(".jsonl") else ModelRef(backend_spec(c.model), c.options)
+
+        candidates = {c.name: ref_of(c) for c in spec.candidates}
+        pool = {c.name: ref_of(c) for c in [*spec.candidates, *spec.pool] if c.model != "teacher"}
+        pool.update({c.name: ModelRef(c.spec(), c.options) for c in recipe.controls if c.name not in pool})
+        suspects = _suspects(recipe, run, spec)
         root = run.root / "audit"
         rows, paths = [], []
-        for name, target, own in _suspects(recipe, run, spec):
+        for name, target, own in suspects:
+            # the suspect itself (a control audited as a suspect) never stands in its own pool
+            own_pool = {k: v for k, v in pool.items() if k != name and _key(v) != _key(target)} \
+                if spec.provenance else {}
             ev = run_audit(target, root / name, reference_identity=reference, suspect_identity=own,
                            watermark_key=spec.watermark_key, tokenizer=spec.tokenizer, prompts=spec.prompts,
                            n_prompts=spec.n_prompts, candidates=candidates or None,
+                           reference=teacher_ref(recipe) if own_pool else None, pool=own_pool or None,
                            identity_null_rate=spec.identity_null_rate, alpha=spec.alpha, null_keys=spec.null_keys,
                            max_tokens=spec.max_tokens, temperature=spec.temperature, seed=spec.seed,
                            ledger_path=run.ledger, label=name)
             paths.append(root / name / "evidence.json")
             v = ev.get("verdict") or {}
             attribution = ev["reported"].get("attribution") or {}
+            prov = ev["tests"].get("provenance") or {}
             rows.append({"suspect": name, "evidence": f"audit/{name}/evidence.json", "verdict": v.get("verdict"),
+                         "deciding_test": v.get("deciding_test"),
+                         "provenance": prov and {"closest": prov["closest"], "test": prov["test"]},
                          "distilled": v.get("distilled"), "method": v.get("method"), "alpha": v.get("alpha"),
                          "p_values": {t: d["p_value"] for t, d in ev["tests"].items()},
                          "identity_claims": (ev["tests"].get("identity") or {}).get("claims_reference"),

@@ -41,9 +41,13 @@ def verdict(p_values: dict[str, float], alpha: float = 1e-3) -> dict:
     distilled = adjusted[deciding] <= alpha
     fisher = float(combine_pvalues(list(p_values.values()), method="fisher").pvalue) if len(p_values) > 1 \
         else next(iter(p_values.values()))
+    # what the verdict guarantees, and no more: a bound that holds only as far as each test's null does
+    guarantee = (f"if the suspect did not learn from the reference, in the sense each test's null states, the chance "
+                 f"of this verdict saying it did is at most {alpha:g} (Holm over {len(p_values)} "
+                 f"test{'s' if len(p_values) > 1 else ''}, each p-value exact or a bound)")
     return {
         "verdict": "distilled from the reference" if distilled else "no evidence of distillation from the reference",
-        "distilled": distilled, "alpha": alpha, "method": "holm",
+        "distilled": distilled, "alpha": alpha, "method": "holm", "guarantee": guarantee,
         "false_positive_rate_at_most": alpha,
         "tests": {k: {"p_value": p_values[k], "holm_adjusted": adjusted[k], "rejects": adjusted[k] <= alpha}
                   for k in p_values},

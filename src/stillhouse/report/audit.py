@@ -34,9 +34,12 @@ def audit(r: Run) -> str:
     if not parts:
         return ""
     parts.insert(0, _audit_summary(root / "summary.json"))
-    lead = ("Was a model distilled from the teacher? Each test gives a p-value for \"the suspect does not depend on "
-            "the teacher\"; the verdict rejects that at level α by Holm's method, so the chance of calling an "
-            "innocent model distilled is at most α.")
+    lead = ("Was a model distilled from the teacher? Each test gives a p-value for its own null (provenance: the "
+            "suspect answers no more like the teacher than like the closest of a pool of unrelated models; identity: "
+            "it claims the teacher's identity no more often than they do; watermark: its text does not depend on the "
+            "teacher's key). The verdict rejects at level α by Holm's method: if those nulls hold, the chance of "
+            "calling the model distilled is at most α. A distilled verdict is a finding, not a failure of the run; "
+            "no evidence is not proof of innocence.")
     return section("audit", "Audit: distillation evidence", "".join(parts), lead)
 
 
@@ -57,8 +60,9 @@ def _audit_summary(path: Path) -> str:
         probs = r.get("attribution") or {}
         who = r.get("likeliest")
         attr = f"{e(who)} ({pct(probs.get(who))})" if who else "n/a"
-        cls = "bad" if r.get("distilled") else "ok" if r.get("distilled") is False else ""
-        verdict = f'<span class="pill {cls}">{e(r.get("verdict") or "n/a")}</span>'
+        cls = "finding" if r.get("distilled") else "plain" if r.get("distilled") is False else ""
+        carried = f" <small>by {e(r['deciding_test'])}</small>" if r.get("distilled") and r.get("deciding_test") else ""
+        verdict = f'<span class="pill {cls}">{e(r.get("verdict") or "n/a")}</span>{carried}'
         cells = "".join(td(p_value(pv.get(t))) for t in tests)
         rows.append(f"<tr>{td(e(r.get('suspect', '?')), '')}{td(verdict, '')}{cells}{td(attr, '')}</tr>")
     ref = doc.get("reference") or {}
@@ -87,18 +91,23 @@ def _evidence(ev: dict, rel: Path, r_root: Path) -> str:
     html_ = (f'<h3>Suspect {e(name) + " " if name else ""}<code>{e(spec)}</code> '
              f'<a class="file" href="{quote(str(rel))}">{e(rel)}</a></h3>')
     if v:
-        alpha = v.get("false_positive_rate_at_most", v.get("alpha"))
-        cls = "bad" if v.get("distilled") else "ok"
+        alpha = v.get("alpha", v.get("false_positive_rate_at_most"))
+        cls = "finding" if v.get("distilled") else "plain"
         fisher = f" Fisher's combined p-value (assumes independent tests): {p_value(v.get('fisher_p_value'))}." \
             if v.get("fisher_p_value") is not None else ""
-        html_ += (f'<div class="banner {cls} verdict"><b>{e(v.get("verdict", "n/a"))}</b> — false-positive rate at '
-                  f"most {p_value(alpha)} ({e(v.get('method', 'holm'))}); deciding test: "
-                  f"{e(v.get('deciding_test', 'n/a'))}."
-                  f"{fisher}</div>")
+        why = (f"carried by <b>{e(v.get('deciding_test', 'n/a'))}</b>" if v.get("distilled")
+               else f"closest to rejecting: {e(v.get('deciding_test', 'n/a'))}")
+        guarantee = e(v["guarantee"]) + "." if v.get("guarantee") else \
+            f"false-positive rate at most {p_value(alpha)} ({e(v.get('method', 'holm'))})."
+        html_ += (f'<div class="banner {cls} verdict"><b>{e(v.get("verdict", "n/a"))}</b> at α = {p_value(alpha)}, '
+                  f"{why}. {guarantee}{fisher}</div>")
     else:
         html_ += '<p class="na">No verdict (no test gave a p-value).</p>'
     if rows:
         html_ += table(["test", "statistic", "p-value", "Holm-adjusted", "rejects"], rows, None, 2)
+    prov = (ev.get("tests") or {}).get("provenance")
+    if isinstance(prov, dict):
+        html_ += _provenance(prov)
     notes = []
     for name, rep in (ev.get("reported") or {}).items():
         if isinstance(rep, dict) and "likeliest" in rep:
@@ -116,8 +125,17 @@ def _evidence(ev: dict, rel: Path, r_root: Path) -> str:
 def _statistic(name: str, t: dict) -> str:
     """The test's own statistic, in words."""
     if "claims_reference" in t:
+        if "questions" in t:  # counted by question, against a measured or a stated null
+            return (f"{count(t.get('claims_reference'))} of {count(t.get('questions'))} questions claim the "
+                    f"reference's identity (in any of their wrappers; {count(t.get('claims_reference_answers'))} of "
+                    f"{count(t.get('probes'))} answers); null {e(t.get('null', ''))}")
         return (f"{count(t.get('claims_reference'))} of {count(t.get('probes'))} probe answers claim the reference's "
                 f"identity (null rate {pct(t.get('null_rate'))})")
+    if "closest" in t and isinstance(t.get("test"), dict):
+        tt = t["test"]
+        return (f"closer to the reference than to {e(t['closest'])} (the closest pool model) on "
+                f"{count(tt.get('closer_to_reference'))} of {count(tt.get('prompts'))} held-out prompts, closer to "
+                f"{e(t['closest'])} on {count(tt.get('closer_to_other'))}; exact sign test")
     key = t.get("key") if isinstance(t.get("key"), dict) else None
     if key is not None:
         z = num(key.get("z"))
@@ -142,3 +160,32 @@ def _statistic(name: str, t: dict) -> str:
     if "statistic" in t:
         return e(t["statistic"])
     return "n/a"
+
+
+def _provenance(t: dict) -> str:
+    """The provenance evidence: the suspect's mean ROUGE-L with the reference against each pool model on the
+    held-out half, and which pool models were left out as not competent on the prompts."""
+    tests = t.get("pool") if isinstance(t.get("pool"), dict) else {}
+    holm = t.get("holm") or {}
+    rows = []
+    for name, tt in tests.items():
+        if not isinstance(tt, dict):
+            continue
+        mark = " (closest, chosen on the other half)" if name == t.get("closest") else ""
+        sims = "".join(td(f"{x:.3f}" if isinstance(x, (int, float)) else "n/a")
+                       for x in (tt.get("mean_similarity_reference"), tt.get("mean_similarity_other")))
+        rows.append(f"<tr>{td(e(name) + mark, '')}{sims}"
+                    f"{td(count(tt.get('closer_to_reference')))}{td(count(tt.get('closer_to_other')))}"
+                    f"{td(count(tt.get('ties')))}{td(p_value(tt.get('p_value')))}{td(p_value(holm.get(name)))}</tr>")
+    if not rows:
+        return ""
+    halves = t.get("halves") or [None, None]
+    refused = t.get("refused") or []
+    note = (f"<p>Provenance: the suspect's answers to {count(halves[1])} held-out prompts (the pool model to beat was "
+            f"chosen on the other {count(halves[0])}), each compared by ROUGE-L with the reference's answer and each "
+            f"pool model's answer to the same prompt.</p>")
+    if refused:
+        note += f"<p class=\"na\">Left out as not competent on the prompts: {e(', '.join(refused))}.</p>"
+    return note + table(["pool model", "ROUGE-L with reference", "ROUGE-L with it", "closer to reference",
+                         "closer to it", "ties", "p-value", "Holm over the pool"], rows, "provenance", 1)
+

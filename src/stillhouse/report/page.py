@@ -66,6 +66,7 @@ a { color: #1b64c4; }
 .wtl .w { color: var(--ok); } .wtl .t { color: var(--muted); } .wtl .l { color: var(--bad); }
 .pill { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 12px; font-weight: 600; }
 .pill.ok { background: var(--ok-bg); color: var(--ok); } .pill.bad { background: var(--bad-bg); color: var(--bad); }
+.pill.finding { background: var(--bad-bg); color: var(--bad); } .pill.plain { background: #f4f4f5; color: #3f3f46; }
 .summary { background: var(--card); border: 1px solid var(--line); border-left: 4px solid var(--accent);
   border-radius: 8px; padding: 10px 16px; margin: 14px 0 20px; font-size: 16px; }
 figure { margin: 6px 0 14px; }
@@ -92,6 +93,7 @@ tbody tr:hover { background: #fafbfc; }
 .banner.warn { background: var(--warn-bg); border-color: var(--teacher); }
 .banner.bad { background: var(--bad-bg); border-color: var(--bad); }
 .banner.ok { background: var(--ok-bg); border-color: var(--ok); }
+.banner.finding { background: var(--warn-bg); border-color: var(--bad); } .banner.plain { background: #f4f4f5; border-color: #a1a1aa; }
 dl.stats { display: grid; grid-template-columns: repeat(4, 1fr); gap: 12px; margin: 6px 0 12px; }
 dl.stats div { border: 1px solid var(--line); border-radius: 8px; padding: 8px 12px; }
 dt { font-size: 12.5px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); }
