@@ -30,7 +30,7 @@ from _md import write_section  # noqa: E402
 
 from stillhouse.curate import CurateContext  # noqa: E402
 from stillhouse.curate.dedup import NearDedup  # noqa: E402
-from stillhouse.curate.novelty import NoveltyFilter, novelty_filter_quadratic  # noqa: E402
+from stillhouse.novelty import NoveltyFilter, novelty_filter_quadratic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

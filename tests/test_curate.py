@@ -14,7 +14,7 @@ import yaml
 from stillhouse.curate import (FILTERS, CurateContext, Filter, FilterOptions, FilterResult, answer_text,
                                apply_filters, make_filter, parse_filters, prompt_text)
 from stillhouse.curate.card import size_category, write_card
-from stillhouse.curate.novelty import (NoveltyFilter, candidate_probability, lsh_params, make_tokenizer, min_jaccard,
+from stillhouse.novelty import (NoveltyFilter, candidate_probability, lsh_params, make_tokenizer, min_jaccard,
                                        novelty_filter, novelty_filter_quadratic, rouge_l)
 from stillhouse.errors import StillhouseError
 from stillhouse.identity import DEFAULT_VENDORS, Identity, classify, find_claims

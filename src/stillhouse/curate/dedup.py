@@ -15,7 +15,7 @@ from datasketch import MinHashLSH
 from pydantic import Field
 
 from stillhouse.curate import CurateContext, Filter, FilterOptions, FilterResult, answer_text, prompt_text
-from stillhouse.curate.novelty import NoveltyFilter, TokenizerName, lsh_params, minhasher
+from stillhouse.novelty import NoveltyFilter, TokenizerName, lsh_params, minhasher
 
 
 def normalise(text: str) -> str:
@@ -120,7 +120,7 @@ class NoveltyOptions(FilterOptions):
 
 class Novelty(Filter):
     """Self-instruct's novelty filter on prompts: drop a row whose prompt's ROUGE-L F-measure with an earlier
-    kept prompt exceeds the threshold (see stillhouse.curate.novelty)."""
+    kept prompt exceeds the threshold (see stillhouse.novelty)."""
 
     name = "novelty"
     Options = NoveltyOptions

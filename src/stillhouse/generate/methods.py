@@ -281,7 +281,7 @@ class SelfInstruct:
     Options = SelfInstructOptions
 
     def run(self, ctx: GenContext, opts: SelfInstructOptions) -> MethodResult:
-        from stillhouse.curate.novelty import NoveltyFilter
+        from stillhouse.novelty import NoveltyFilter
 
         seeds = _read_seeds(opts.seeds)
         novelty = NoveltyFilter(threshold=opts.novelty_threshold)
