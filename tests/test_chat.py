@@ -18,6 +18,17 @@ def _chat(*args: str, lines: list[str]):
     return r
 
 
+@pytest.fixture(autouse=True)
+def _absl_leaves_pytests_stderr_open(monkeypatch):
+    """A local target's server starts inside CliRunner, where uvicorn's logging config closes every existing handler;
+    absl's (imported by earlier tests' libraries) then closes its stream unless it is the *current* sys.stderr, and
+    inside CliRunner it is not: the stream is pytest's capture, and the session dies with "lost sys.stderr"."""
+    import sys
+
+    if "absl.logging" in sys.modules:
+        monkeypatch.setattr(sys.modules["absl.logging"].get_absl_handler().python_handler, "close", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_models):
     with running(str(tiny_models["teacher"]), model_name="tiny", window_ms=5) as url:
