@@ -42,6 +42,8 @@ def print_headline(h: dict) -> None:
         console.print(f"\n[bold]report[/]: {h['report']}")
     for m in h["models"]:
         kept = f"  share of teacher kept [bold]{pct(m['share_kept'])}[/]" if m["role"] != "teacher" else ""
+        if kept and m.get("share_kept_caveat"):
+            kept = f"  share of teacher kept: not meaningful ({m['share_kept_caveat']})"
         who = m["name"] if m["name"] == m["role"] else f"{m['name']} ({m['role']})"
         console.print(f"[bold]{who}[/]: accuracy [bold]{pct(m['accuracy'])}[/]{params(m['parameters'])}{kept}")
     if h.get("wall_seconds") is not None:

@@ -179,4 +179,12 @@ def headline(run: RunDir, wall_seconds: float | None = None) -> dict:
         res = json.loads(run.results.read_text())
         out["models"] = [{k: m.get(k) for k in ("name", "role", "accuracy", "share_kept", "parameters")}
                          for m in res.get("models", [])]
+        teacher = next((m for m in res.get("models", []) if m.get("role") == "teacher"), None)
+        if teacher is not None:  # the report's rule for when a share of the teacher is a number worth printing
+            from stillhouse.report.sections import share_kept_caveat
+
+            for row, m in zip(out["models"], res.get("models", [])):
+                if m is not teacher and m.get("share_kept") is not None:
+                    row["share_kept_caveat"] = share_kept_caveat(None, None, teacher.get("accuracy"),
+                                                                 teacher.get("accuracy_ci"), m.get("share_kept_ci"))
     return out
