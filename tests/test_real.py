@@ -90,3 +90,14 @@ def test_a_gguf_that_is_not_the_pinned_one_is_refused(tmp_path):
     f.write_bytes(b"GGUF not really")
     with pytest.raises(StillhouseError, match="not the pinned"):
         fetch_teacher(log=lambda *_: None, gguf=f)
+
+
+def test_self_instruct_answers_the_prompt_set_too(tmp_path):
+    from tests.test_methods import _run
+
+    m, rows = _run(tmp_path, "self_instruct", "n_instructions: 4, per_request: 4, answer_prompts: true")
+    c = m["counts"]
+    assert c["kept_instructions"] == 4 and c["prompts"] == 12 and len(rows) == 16
+    assert sum(r["instruction"] is None for r in rows) == 12  # the prompt set's rows
+    m2, rows2 = _run(tmp_path, "self_instruct", "n_instructions: 4, per_request: 4, answer_prompts: true")
+    assert m2["counts"]["calls_made"] == 0 and len(rows2) == 16
