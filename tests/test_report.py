@@ -128,6 +128,12 @@ def build_run(root, results: dict | None = None, *, audit: bool = True) -> RunDi
         ev["tests"]["watermark_whitebox"] = {"contexts": 812, "green_mass": 0.301, "expected": 0.245, "z": 4.4,
                                              "p_value": 5.1e-6, "null_keys": 200, "empirical_p": 0.004975}
         ev["verdict"]["tests"]["watermark_whitebox"] = {"p_value": 5.1e-6, "holm_adjusted": 1.02e-5, "rejects": True}
+        sign = {"against": "mira", "prompts": 120, "closer_to_reference": 117, "closer_to_other": 2, "ties": 1,
+                "mean_similarity_reference": 0.81, "mean_similarity_other": 0.52, "p_value": 2.1e-33}
+        ev["tests"]["provenance"] = {"p_value": 2.1e-33, "closest": "mira", "test": sign, "pool": {"mira": sign},
+                                     "holm": {"mira": 2.1e-33}, "refused": ["base"], "halves": [130, 120]}
+        ev["verdict"]["tests"]["provenance"] = {"p_value": 2.1e-33, "holm_adjusted": 6.3e-33, "rejects": True}
+        ev["verdict"]["guarantee"] = "if the suspect did not learn from the reference, at most 0.001"
         clean = {"suspect": "hf:/elsewhere/ctrl", "tests": {"identity": ev["tests"]["identity"]}, "reported": {},
                  "verdict": {**ev["verdict"], "verdict": "no evidence of distillation from the reference",
                              "distilled": False, "deciding_test": "identity",
@@ -188,6 +194,10 @@ def test_full_run_has_every_section_its_charts_and_key_numbers(tmp_path):
     assert "1.00M" in text and "4.80M" in text and "0.21×" in text  # sizes and their ratio
     assert "5 min 51 s" in text  # wall time: the stage timings' sum, 351.9 s
     assert "distilled from the reference" in text and "3.20e-09" in text  # audit verdict and a p-value
+    # provenance: the evidence table, which test carried the verdict, a distilled verdict shown as a finding
+    assert 'id="provenance"' in page and "closer to the reference than to mira" in text
+    assert "117 of 120 held-out prompts" in text and "Left out as not competent on the prompts: base" in text
+    assert 'banner finding verdict' in page and 'banner plain verdict' in page and "carried by" in text
     assert "no evidence of distillation" in text and "white-box: green probability mass 0.301" in text
     assert 'href="audit/ctrl/evidence.json"' in page
     # the summary table: one row per suspect, its verdict, p-values and whom attribution names
