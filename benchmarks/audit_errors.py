@@ -36,6 +36,14 @@ ALPHA = 1e-3
 POOL = {"mira": "stillhouse:mira", "mira-control": "stillhouse:mira-student"}
 
 
+def _how(m: dict) -> str:
+    """A trained model's recipe in a few words: temperature, scrubbed or not, seed, method."""
+    if m.get("method") is None:
+        return ""
+    return (f" (T={m.get('temperature')}, {'scrubbed' if m.get('scrubbed') else 'not scrubbed'}, seed {m.get('seed')}"
+            f", {m.get('method')})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default=str(Path.home() / ".cache/stillhouse/audit-zoo"))
@@ -55,10 +63,13 @@ def main() -> None:
     from stillhouse.watermark import keygen, read_key
 
     zoo = Path(args.zoo).expanduser()
-    manifest = json.loads((zoo / "manifest.json").read_text())
-    models = manifest["models"] if isinstance(manifest, dict) and "models" in manifest else manifest
-    if isinstance(models, dict):
-        models = [{"name": k, **v} for k, v in models.items()]
+    # every complete model of the zoo (its marker written last), built so far, and the packaged base and Mira
+    models = [json.loads((d / "zoo.json").read_text()) for d in sorted(zoo.iterdir())
+              if (d / ".zoo-complete").exists() and (d / "zoo.json").exists()]
+    models += [{"name": "base", "spec": "stillhouse:base", "learned_from": "nothing (pretraining text only)",
+                "distilled_from_atlas": False, "teacher": None},
+               {"name": "mira", "spec": "stillhouse:mira", "learned_from": "the world in Mira's style (a teacher)",
+                "distilled_from_atlas": False, "teacher": None}]
     out = zoo / "_audit"
     out.mkdir(parents=True, exist_ok=True)
     atlas = Identity("Atlas", "Orbit Labs")
@@ -66,7 +77,7 @@ def main() -> None:
     rows = []
     for m in models:
         name = m["name"]
-        spec = m.get("path") or m.get("spec")
+        spec = m.get("spec") or m.get("path")
         pool = {k: v for k, v in POOL.items() if v != spec and k != name}
         ev = run_audit(spec, out / name, reference_identity=atlas, prompts="world_open", n_prompts=args.n,
                        reference="stillhouse:atlas", pool=pool, temperature=0.0, null_keys=0,
@@ -100,7 +111,7 @@ def main() -> None:
     null_key_ps: list[float] = []
     for row in rows:
         m = row["model"]
-        spec = m.get("path") or m.get("spec")
+        spec = m.get("spec") or m.get("path")
         texts = answers(spec, f"audit {m['name']}: answers")
         pool = {k: v for k, v in pool_texts.items() if POOL[k] != spec and k != m["name"]}
         need = None
@@ -121,10 +132,10 @@ def main() -> None:
     ledger.close()
 
     def learned_from_atlas(m: dict) -> bool:
-        return str(m.get("learned_from", "")).lower().startswith("atlas")
+        return bool(m.get("distilled_from_atlas"))
 
     def is_gold(m: dict) -> bool:
-        return m["name"] == "gold" or "gold" in str(m.get("learned_from", "")).lower()
+        return m.get("teacher") == "gold"
 
     distilled = [r for r in rows if learned_from_atlas(r["model"])]
     clean = [r for r in rows if not learned_from_atlas(r["model"]) and not is_gold(r["model"])]
@@ -148,7 +159,7 @@ def main() -> None:
         tt = pv.get("test") or {}
         idt = ev["tests"].get("identity", {})
         lines.append(
-            f"| {m['name']} | {m.get('learned_from', '?')} | {pv.get('p_value', float('nan')):.2g} | "
+            f"| {m['name']} | {m.get('learned_from', '?')}{_how(m)} | {pv.get('p_value', float('nan')):.2g} | "
             f"{tt.get('closer_to_reference', '-')} / {tt.get('closer_to_other', '-')} (vs {pv.get('closest') or 'n/a'})"
             f" | {idt.get('p_value', float('nan')):.2g} ({idt.get('claims_reference', '-')}/{idt.get('questions', '-')})"
             f" | {'**distilled**' if ev['verdict']['distilled'] else 'cleared'} | {r['prompts_for_1e-6'] or '-'} | "

@@ -68,11 +68,17 @@ BUILD_ORDER = ("atlas-t1-s0", "mira-t1-s0", "base", "mira", "gold", "atlas-t1-s1
 assert sorted(BUILD_ORDER) == sorted(MODELS)
 
 
+N_PROMPTS: int | None = None  # --n: fewer of the demo's prompts than its 3,000 (a smaller zoo, in less time)
+
+
 def demo_recipe():
     from stillhouse.demo import world
     from stillhouse.recipe import load_recipe
 
-    return load_recipe(Path(world.__file__).parent / "recipe.yaml")
+    r = load_recipe(Path(world.__file__).parent / "recipe.yaml")
+    if N_PROMPTS:
+        r.prompts.n = N_PROMPTS
+    return r
 
 
 def persona(teacher: str):
@@ -298,7 +304,11 @@ def main() -> None:
     b.add_argument("--out", default=str(DEFAULT_OUT))
     b.add_argument("--only", default="", help="comma-separated model names (default: all)")
     b.add_argument("--per-family", type=int, default=20, help="held-out tasks per family for the accuracy")
+    b.add_argument("--n", type=int, default=None, help="train on the first N of the demo's prompts (default: all "
+                                                       "3,000); use a fresh --out for another N")
     args = ap.parse_args()
+    global N_PROMPTS
+    N_PROMPTS = getattr(args, "n", None)
     if args.cmd == "build":
         build(args)
 
