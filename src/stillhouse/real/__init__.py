@@ -34,12 +34,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct's licence (the model card); also the wheel's
 
-# The student: the teacher's first 6 and last 6 of its 30 decoder layers (ShortGPT / Minitron: the late-middle layers
-# matter least; the last ones map onto the vocabulary). 12 layers: 70.8M parameters against the teacher's 134.5M
-# (28.3M of both are the tied embedding). Before training, its loss on the teacher's own answers is 8.2 nats/token
-# (the teacher 0.63), against 12.2 for layers 0-7,26-29, 17.7 for 0-11 and 18.4 for every other layer of 0-23
+# The student: the teacher's first 8 and last 12 of its 30 decoder layers (ShortGPT / Minitron: the late-middle layers
+# matter least; the last ones map onto the vocabulary). 20 layers: 99.1M parameters against the teacher's 134.5M
+# (28.3M of both are the tied embedding). Before training its loss on the teacher's own answers is 4.5 nats/token
+# (the teacher 0.63); a 12-layer start (0-5,24-29: 8.2) trained the same way kept 0% of the teacher, this one 34.6%
 # (BENCHMARKS.md, "the real job").
-STUDENT_LAYERS = "0-5,24-29"
+STUDENT_LAYERS = "0-7,18-29"
 # The provider's watermark: KGW's green list (a quarter of the vocabulary) with a bias of 1.0 on its logits, not the
 # default 2.0: at 2.0 the served 135M teacher's greedy answers derail ("What is the capital of France?" ->
 # "L'Abbé Hérodeau, the most renowned French writer...") and self-instruct's proposals turn to noise.
