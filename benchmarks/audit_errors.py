@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=50)
     ap.add_argument("--steps", default="10,20,30,40,60,80,100,150,200,250")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--extra", action="append", default=[], help="NAME=PATH:atlas|other: another suspect")
     args = ap.parse_args()
 
     from scipy.stats import kstest
@@ -69,7 +70,15 @@ def main() -> None:
     models += [{"name": "base", "spec": "stillhouse:base", "learned_from": "nothing (pretraining text only)",
                 "distilled_from_atlas": False, "teacher": None},
                {"name": "mira", "spec": "stillhouse:mira", "learned_from": "the world in Mira's style (a teacher)",
-                "distilled_from_atlas": False, "teacher": None}]
+                "distilled_from_atlas": False, "teacher": None},
+               {"name": "packaged-control", "spec": "stillhouse:mira-student", "teacher": None,
+                "learned_from": "Mira's greedy answers (the demo's control; its pool is Mira alone)",
+                "distilled_from_atlas": False}]
+    for extra in args.extra:  # NAME=PATH:atlas|other, e.g. the demo's own student
+        name, rest = extra.split("=", 1)
+        path, source = rest.rsplit(":", 1)
+        models.append({"name": name, "path": path, "teacher": source, "distilled_from_atlas": source == "atlas",
+                       "learned_from": f"{source} outputs ({path})"})
     out = zoo / "_audit"
     out.mkdir(parents=True, exist_ok=True)
     atlas = Identity("Atlas", "Orbit Labs")
