@@ -155,7 +155,8 @@ def main() -> None:
         d = r["evidence"]["tests"].get(t)
         return d is not None and d["p_value"] <= ALPHA
 
-    lines = [f"Command: `.venv/bin/python benchmarks/audit_errors.py --n {args.n} --keys {args.keys}` "
+    argv = " ".join(a.replace(str(Path.home()), "~") for a in sys.argv[1:])
+    lines = [f"Command: `.venv/bin/python benchmarks/audit_errors.py {argv}` "
              f"({platform.machine()}, {audit_s:.0f} s for the audits). Each model audited against Atlas with the pool "
              f"{{Mira, Mira control}} (never itself), {args.n} open-answer prompts, greedy; alpha = {ALPHA:g}.",
              "",
