@@ -415,16 +415,13 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
         mass = (means * mask).sum(-1)
         var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
         z = float((mass - size / vocab).sum() / math.sqrt(float(var.sum()) or 1e-30))
-        return z, float(mass.mean())
+        return z, float(mass.sum())
 
-    z, mass = z_of(key)
+    z, observed = z_of(key)  # the green mass summed over contexts: the bound's statistic
+    mass = observed / len(contexts)
     rng = random.Random(f"whitebox-null:{seed}")
     nulls = [z_of({**key, "hashing_key": rng.getrandbits(63)})[0] for _ in range(null_keys)]
     emp = (1 + sum(n >= z for n in nulls)) / (1 + len(nulls)) if nulls else None
-    green = GreenLists(key, vocab).processor
-    observed = 0.0
-    for r, c in enumerate(contexts):
-        observed += float(means[r, green._get_greenlist_ids(torch.tensor(c, dtype=torch.long))].sum())
     return WhiteboxResult(contexts=len(contexts), green_mass=mass, expected=size / vocab, z=z,
                           p_value=chernoff_p(means, size / vocab, observed), p_normal=float(norm.sf(z)),
                           null_keys=len(nulls), null_z=nulls, empirical_p=emp)

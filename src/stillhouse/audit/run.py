@@ -245,14 +245,13 @@ def run_audit(suspect, out_dir: str | Path, *, reference_identity=None, suspect_
             by_source = {}
             for name, spec in candidates.items():
                 c = resolve_suspect(spec, None)
-                if isinstance(c, list) and not (asked and None not in asked and all(r.get("prompt") for r in c)):
+                if isinstance(c, list):
                     by_source[name] = [r["text"] for r in c]
                 else:
                     if asked is None or None in asked:
                         raise StillhouseError(f"candidate {name!r} is a model, but the suspect's texts carry no "
                                               "prompts to ask it; give the candidate as a texts file")
-                    by_source[name] = answers_of(f"candidate {name}", c) if not isinstance(c, list) \
-                        else [r["text"] for r in c]
+                    by_source[name] = answers_of(f"candidate {name}", c)
             model = fit_attribution(by_source)
             evidence["reported"]["attribution"] = {**model.attribute(texts), "samples": model.samples}
     finally:
