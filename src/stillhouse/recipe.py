@@ -161,12 +161,29 @@ class KDSpec(_Strict):
     beta: float = Field(0.5, gt=0, lt=1, description="the teacher's weight in the jsd mixture")
     min_aligned: float = Field(0.5, ge=0, le=1, description="refuse the run if fewer of the samples with logprobs "
                                                             "line up with the student's tokenizer")
+    source: Literal["ledger", "teacher"] = Field(
+        "ledger", description="ledger: the teacher's top-k logprobs recorded at generation; teacher: a local teacher "
+                              "(teacher.spec hf:...) run beside the student for its whole next-token distribution")
+    chunk_tokens: int = Field(1024, ge=1, description="source teacher: answer tokens per projection tile")
+    chunk_vocab: int = Field(16384, ge=1, description="source teacher: vocabulary columns per projection tile "
+                                                      "(memory: chunk_tokens x chunk_vocab x 4 bytes per model)")
+
+
+class OnPolicySpec(_Strict):
+    """On-policy distillation: the student answers the prompts itself and the teacher scores the student's tokens."""
+    max_new_tokens: int = Field(64, ge=1, description="the longest answer the student samples")
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature")
+    top_logprobs: int = Field(20, ge=1, description="a served teacher: alternatives asked per scored token")
+    prompt_logprobs: bool = Field(False, description="a served teacher: ask vLLM's `prompt_logprobs` (else the "
+                                                     "OpenAI-style `echo` with `logprobs`)")
 
 
 class TrainSpec(_Strict):
-    method: Literal["sft", "kd"] = Field("sft", description="sft: the teacher's answers as text; kd: also its "
-                                                            "next-token distributions (the kd section)")
+    method: Literal["sft", "kd", "on_policy"] = Field(
+        "sft", description="sft: the teacher's answers as text; kd: also its next-token distributions (the kd "
+                           "section); on_policy: the student's own answers, scored by the teacher (kd.loss, kd.beta)")
     kd: KDSpec = Field(default_factory=KDSpec)
+    on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec)
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, ge=1)
@@ -178,8 +195,12 @@ class TrainSpec(_Strict):
 
     @model_validator(mode="after")
     def _kd_needs_its_method(self):
-        if self.method != "kd" and self.kd != KDSpec():  # (a dump writes the defaults; only a change is a mistake)
+        # (a dump writes the defaults; only a change is a mistake)
+        if self.method not in ("kd", "on_policy") and self.kd != KDSpec():
             raise ValueError(f"kd settings are given but method is {self.method!r}: set method: kd to use them")
+        if self.method != "on_policy" and self.on_policy != OnPolicySpec():
+            raise ValueError(f"on_policy settings are given but method is {self.method!r}: set method: on_policy "
+                             "to use them")
         return self
 
 

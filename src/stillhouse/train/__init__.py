@@ -27,6 +27,8 @@ class TrainStage(Stage):
 
         for s in recipe.students:  # every base checked before any training
             resolve_model(s.base)
+        if any(_needs_local_teacher(recipe.train_for(s)) for s in recipe.students):
+            local_teacher(recipe)
         require_columns(run.curated, ("messages",))
         if _distils(recipe):  # read once here, refused before the stage begins, used by execute
             self._kd_logprobs = _teacher_logprobs(run, check=True)
@@ -56,7 +58,8 @@ class TrainStage(Stage):
                              batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
                              device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
                              identity=student.identity.model_dump() if student.identity else None,
-                             **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}))
+                             **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}),
+                             **({"teacher": local_teacher(recipe)} if _needs_local_teacher(t) else {}))
             shutil.rmtree(out / "_trainer", ignore_errors=True)
             (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
             (out / "stillhouse_provenance.json").write_text(json.dumps(
@@ -81,15 +84,40 @@ class TrainStage(Stage):
 
 
 def _distils(recipe) -> bool:
-    """Whether any student of the recipe learns from the teacher's logprobs."""
-    return any(recipe.train_for(s).method == "kd" for s in recipe.students)
+    """Whether any student of the recipe learns from the teacher's logprobs in the ledger."""
+    return any(recipe.train_for(s).method == "kd" and recipe.train_for(s).kd.source == "ledger"
+               for s in recipe.students)
+
+
+def _needs_local_teacher(t) -> bool:
+    return t.method == "kd" and t.kd.source == "teacher"
+
+
+def local_teacher(recipe) -> str:
+    """The teacher's model directory, for training beside it; refused for a teacher behind an API."""
+    from stillhouse.errors import StillhouseError
+    from stillhouse.models import resolve_model
+    from stillhouse.teachers import parse_spec
+
+    backend, model = parse_spec(recipe.teacher.spec)
+    if backend != "hf":
+        raise StillhouseError(f"train.kd.source: teacher runs the teacher beside the student, and teacher.spec "
+                              f"{recipe.teacher.spec!r} is reached through an API (which gives at most its top-k "
+                              "logprobs): use kd.source: ledger, or method: on_policy to have it score the student's "
+                              "own answers")
+    return resolve_model(model)
 
 
 def _settings(t) -> dict:
     """A student's training settings; the kd section only where it is used (an SFT run's hash stays what it was)."""
     d = t.model_dump()
-    if t.method != "kd":
+    if t.method not in ("kd", "on_policy"):
         d.pop("kd")
+    elif t.kd.source == "ledger":  # (a top-k run's hash stays what it was before the teacher source existed)
+        for k in ("source", "chunk_tokens", "chunk_vocab"):
+            d["kd"].pop(k)
+    if t.method != "on_policy":
+        d.pop("on_policy")
     return d
 
 
@@ -142,6 +170,11 @@ def _method_line(t, result) -> str:
     if t.method != "kd":
         return "supervised fine-tuning on the teacher's answers (loss on the answers only)"
     k = result.kd or {}
+    if t.kd.source == "teacher":
+        return (f"logit distillation ({t.kd.loss}, alpha {t.kd.alpha}) towards the local teacher's full next-token "
+                f"distribution ({k.get('vocabulary', 'shared')} vocabulary) on {k.get('samples_aligned', 0)} of "
+                f"{k.get('samples', 0)} samples ({k.get('tokens_with_teacher_distribution', 0):,} answer tokens), "
+                "cross-entropy on the teacher's answers for all")
     return (f"logit distillation ({t.kd.loss}, alpha {t.kd.alpha}) towards the teacher's top-k logprobs on "
             f"{k.get('samples_aligned', 0)} of {k.get('samples', 0)} samples ({k.get('tokens_with_teacher_distribution', 0):,} "
             "answer tokens), cross-entropy on the teacher's answers for all")

@@ -218,3 +218,125 @@ def kd_trainer_class():
             return (loss, out) if return_outputs else loss
 
     return KDTrainer
+
+
+# -- kd.source: teacher --------------------------------------------------------------------------------------------
+# A local teacher runs beside the student and gives its whole next-token distribution at every answer token. Neither
+# model's [tokens, vocabulary] logits are ever built: both project their last hidden states through their heads one
+# [chunk_tokens, chunk_vocab] tile at a time, with TRL's chunked kernels (the ones its DistillationTrainer uses):
+# `ChunkedDivergenceFunction` for the divergence and `ChunkedLogProbFunction` for the sampled token's cross-entropy,
+# each with a Triton kernel on GPUs and a torch fallback elsewhere.
+
+# TRL's divergence kernel's beta: 0 is KL(teacher || student), 1 is KL(student || teacher), between them the
+# generalised JSD whose mixture gives the teacher weight beta (the kd section's own meaning of beta)
+def _trl_beta(loss: str, beta: float) -> float:
+    if loss == "forward_kl":
+        return 0.0
+    if loss == "reverse_kl":
+        return 1.0
+    if loss == "jsd":
+        return beta
+    raise ValueError(f"unknown distillation loss {loss!r} (one of {', '.join(LOSSES)})")
+
+
+def set_chunks(tokens: int, vocab: int) -> None:
+    """The tile TRL's chunked kernels project onto: at most `tokens` rows by `vocab` columns (fp32) per model.
+
+    TRL reads them as module constants, in the forward and again in the backward, so they are set for the process
+    (every KD run of one process uses the same recipe's values)."""
+    from trl.kernels import chunked_divergence, chunked_logprob
+
+    chunked_divergence.TOKEN_CHUNK_SIZE = chunked_logprob.TOKEN_CHUNK_SIZE = int(tokens)
+    chunked_divergence.VOCAB_CHUNK_SIZE = int(vocab)
+
+
+def full_kd_loss_sum(h_s: torch.Tensor, head_s, h_t: torch.Tensor, head_t, targets: torch.Tensor, *, loss: str,
+                     alpha: float, beta: float = 0.5, chunk_vocab: int = 32768) -> torch.Tensor:
+    """Summed per-token loss against the teacher's full distribution: `h_s` [T, H_s] and `h_t` [T, H_t] the two
+    models' last hidden states before the answer tokens `targets` [T], `head_s`/`head_t` their output layers
+    (`get_output_embeddings()`; same vocabulary). A token costs (1 - alpha) * cross-entropy + alpha * divergence,
+    as in `kd_loss_sum` with every token of the vocabulary listed."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    w_s, b_s, w_t, b_t = head_s.weight, head_s.bias, head_t.weight, head_t.bias
+    if w_s.shape[0] != w_t.shape[0]:  # rows past the tokenizer that one of the two padded its embeddings with
+        v = min(w_s.shape[0], w_t.shape[0])
+        w_s, w_t = w_s[:v], w_t[:v]
+        b_s, b_t = (b_s[:v] if b_s is not None else None), (b_t[:v] if b_t is not None else None)
+    total = h_s.new_zeros((), dtype=torch.float32)
+    if alpha < 1:
+        lp = ChunkedLogProbFunction.apply(h_s, w_s, b_s, targets, 1.0, min(chunk_vocab, w_s.shape[0]), None, 1.0, ())[0]
+        total = total - (1 - alpha) * lp.float().sum()
+    if alpha > 0:
+        d, _ = ChunkedDivergenceFunction.apply(h_s, w_s, b_s, h_t.to(h_s.dtype), w_t, b_t, _trl_beta(loss, beta))
+        total = total + alpha * d.float().sum()
+    return total
+
+
+def _backbone(model):
+    """The decoder stack under the LM head (under a PEFT wrapper too): it returns hidden states, never logits."""
+    if hasattr(model, "peft_config"):
+        model = model.base_model.model
+    return model.base_model
+
+
+def load_teacher(path: str, attn: str, device) -> torch.nn.Module:
+    """The local teacher, frozen, in eval mode, on the student's device (bf16 on a GPU, fp32 elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    t = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).eval()
+    t.requires_grad_(False)
+    return t
+
+
+def teacher_kd_trainer_class():
+    """SFTTrainer whose loss distils a local teacher's full distribution (chunked; `full_kd_loss_sum`)."""
+    from trl import SFTTrainer
+
+    class TeacherKDTrainer(SFTTrainer):
+        def __init__(self, *args, kd: dict, teacher, **kwargs):
+            self.kd = kd
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device)
+            set_chunks(kd["chunk_tokens"], kd["chunk_vocab"])
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            target = labels[:, 1:]
+            sel = target != -100
+            h_s = _backbone(model)(**inputs, use_cache=False).last_hidden_state[:, :-1][sel]
+            with torch.no_grad():  # the same (flattened) batch: the two models share the tokenizer
+                h_t = _backbone(self.teacher)(**inputs, use_cache=False).last_hidden_state[:, :-1][sel]
+            m = model.base_model.model if hasattr(model, "peft_config") else model
+            total = full_kd_loss_sum(h_s, m.get_output_embeddings(), h_t, self.teacher.get_output_embeddings(),
+                                     target[sel], loss=self.kd["loss"], alpha=self.kd["alpha"], beta=self.kd["beta"],
+                                     chunk_vocab=self.kd["chunk_vocab"])
+            n = num_items_in_batch if num_items_in_batch is not None else sel.sum()
+            loss = total / n
+            return (loss, None) if return_outputs else loss
+
+    return TeacherKDTrainer
+
+
+def teacher_kd_setup(tok, encoded: list[tuple[list[int], int]], kd: dict, teacher: str, attn: str, device):
+    """For `sft`: the dataset, trainer class, its extra arguments and the counts of a `kd.source: teacher` run.
+
+    `encoded`: each kept sample's token ids and where its answer starts. A teacher whose tokenizer is the student's
+    is distilled over the whole vocabulary; another tokenizer goes through `stillhouse.train.align`."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from stillhouse.train.align import same_vocabulary
+
+    kd = {"loss": "forward_kl", "alpha": 0.5, "beta": 0.5, "chunk_tokens": 1024, "chunk_vocab": 16384, **kd}
+    t_tok = AutoTokenizer.from_pretrained(teacher)
+    if not same_vocabulary(tok, t_tok):
+        from stillhouse.train.align import cross_tokenizer_setup
+
+        return cross_tokenizer_setup(tok, t_tok, encoded, kd, teacher, device)
+    data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * n + ids[n:]} for ids, n in encoded])
+    counts = {"source": "teacher", "samples": len(encoded), "samples_aligned": len(encoded),
+              "tokens_with_teacher_distribution": sum(len(ids) - n for ids, n in encoded), "vocabulary": "shared"}
+    return data, teacher_kd_trainer_class(), {"kd": kd, "teacher": load_teacher(teacher, attn, device)}, counts

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from stillhouse.errors import StillhouseError
+
 
 @dataclass
 class SFTResult:
@@ -19,6 +21,8 @@ class SFTResult:
     tokens_per_second: float
     final_loss: float | None
     dropped_too_long: int = 0
+    resumed_from_step: int | None = None  # the checkpoint's step this run continued from
+    rank_checksums: list[list[float]] | None = None  # data parallel: per rank, each parameter's sum and sum of squares
     kd: dict | None = None  # logit distillation: how many samples and tokens had the teacher's distribution
     # the system prompt the base's chat template injected into conversations without one ("You are Qwen, created by
     # Alibaba Cloud. ...") and what the student's template injects instead (its declared identity, or nothing)
@@ -105,7 +109,8 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         max_length: int, seed: int, warmup_ratio: float = 0.05, lora: dict | None = None, device: str = "auto",
         on_step: Callable[[int, int, float | None], None] | None = None, padding_free: bool = True,
         kd: dict | None = None, teacher_logprobs: list[list[dict] | None] | None = None,
-        callbacks: list | None = None, identity: dict | None = None) -> SFTResult:
+        callbacks: list | None = None, identity: dict | None = None, teacher: str | None = None,
+        checkpoint_dir: str | Path | None = None, save_steps: int = 0) -> SFTResult:
     """Fine-tune the model at `base` on `rows` (each with `messages`) and save it to `out_dir`.
 
     `padding_free` (the default) trains on each batch flattened into one row without pad tokens (same samples per
@@ -113,11 +118,18 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
 
     `kd` (loss, alpha, beta, min_aligned: `stillhouse.train.kd`) adds logit distillation towards
     `teacher_logprobs`, the ledger's per-token logprob entries of each row's answer (None where there are none).
+    With `kd["source"] == "teacher"` it distils instead the whole next-token distribution of the local model at
+    `teacher`, run beside the student (`stillhouse.train.kd.teacher_kd_setup`).
 
     A chat template that injects a default system prompt into a conversation without one (SmolLM2's, Qwen2.5's: the
     teacher's identity, for a student made from the teacher's tokenizer) is rewritten before any sample is rendered
     to inject `identity`'s instead ("You are Nova, made by Northwind."; name and maker), or nothing without one: the
-    samples are learned under it, and the saved student's template keeps it (`stillhouse.templates`)."""
+    samples are learned under it, and the saved student's template keeps it (`stillhouse.templates`).
+
+    Checkpoints go to `checkpoint_dir` (default `out_dir/_trainer`) every `save_steps` steps (0: only at SIGTERM or
+    SIGINT, which stop training with a checkpoint and raise `TrainingInterrupted`); the newest complete one there is
+    resumed from (`stillhouse.train.resume`). Under a launcher (torchrun, accelerate: `stillhouse.train.launch`)
+    `batch_size` is the global batch, split over the processes, and only the main process writes `out_dir`."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -153,6 +165,11 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     trainer_class, extra, kd_counts = SFTTrainer, {}, None
     if kd is None:
         data = Dataset.from_list(_as_prompt_completion(kept))
+    elif kd.get("source", "ledger") == "teacher":
+        from stillhouse.train.kd import teacher_kd_setup
+
+        data, trainer_class, extra, kd_counts = teacher_kd_setup(
+            tok, [e for e, k in zip(encoded, keep) if k], kd, teacher, attn, "cuda" if use_cuda else "cpu")
     else:
         from stillhouse.train.kd import align, check_alignment, kd_trainer_class
 
@@ -169,16 +186,22 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
     # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns until v6)
     checkpointing = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
                      else "gradient_checkpointing")
+    from stillhouse.train.resume import Checkpoints, TrainingInterrupted, is_main_process, prepare_if_alone, step_of
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(out_dir) / "_trainer"
+    resume_from = prepare_if_alone(ckpt_dir)
     args = SFTConfig(
-        output_dir=str(Path(out_dir) / "_trainer"),
-        num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
+        output_dir=str(ckpt_dir),
+        num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=per_process_batch(batch_size),
         lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.01,
         # Over-long samples are already dropped above; TRL refuses a max_length with padding_free and no packing.
         max_length=None if padding_free else max_length, padding_free=padding_free,
         # TRL turns both on by default. Checkpointing only costs time at the sizes that fit one
         # machine's memory anyway; bf16 autocast pays on a GPU but made CPU steps ~17% slower here.
         **{checkpointing: False}, bf16=use_cuda, use_cpu=not use_cuda,
-        completion_only_loss=True, logging_steps=5, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        completion_only_loss=True, logging_steps=5, report_to=[], seed=seed, data_seed=seed,
+        # two kept: the newest may be one a kill cut short (not marked complete), and then the one before is resumed
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or None, save_total_limit=2,
         dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=kd is None,  # the teacher's slots ride beside the tokens to the KD collator
     )
@@ -194,29 +217,73 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
             if on_step:
                 on_step(state.global_step, state.max_steps, _Progress.loss)
 
+    stopper = Checkpoints()
     trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config,
-                            callbacks=[_Progress(), *(callbacks or [])], **extra)  # `callbacks`: e.g. train.progress
+                            callbacks=[_Progress(), stopper, *(callbacks or [])], **extra)  # `callbacks`: e.g. train.progress
     trainer.remove_callback(PrinterCallback)  # progress goes to our bar, not to printed dicts
     t0 = time.time()
-    out = trainer.train()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stopper.restore()
     seconds = time.time() - t0
+    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        import signal
+
+        name = signal.Signals(stopper.signum).name
+        raise TrainingInterrupted(f"training stopped by {name} at step {trainer.state.global_step} of "
+                                  f"{trainer.state.max_steps}; its checkpoint is in {ckpt_dir}: run the same command "
+                                  "again to resume from it", stopper.signum)
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    checksums = rank_checksums(model)  # (a collective: every rank takes part)
     if peft_config is not None:
         model = model.merge_and_unload()
-    model.config.use_cache = True
-    model.set_attn_implementation("sdpa")  # the saved student must load where this module's attention is not registered
-    model.save_pretrained(str(out_dir))
-    tok.padding_side = "left"
-    tok.save_pretrained(str(out_dir))
-    n_tokens = sum(n for n in lengths if n <= max_length) * epochs
+    if is_main_process():  # the other ranks hold the same weights (DDP); one writes them
+        model.config.use_cache = True
+        model.set_attn_implementation("sdpa")  # the saved student must load where this module's attention is not registered
+        model.save_pretrained(str(out_dir))
+        tok.padding_side = "left"
+        tok.save_pretrained(str(out_dir))
+    # tokens this session trained on: a resumed run counts only the steps it made
+    done = (out.global_step - step_of(resume_from)) / max(out.global_step, 1) if resume_from else 1.0
+    n_tokens = sum(n for n in lengths if n <= max_length) * epochs * done
     return SFTResult(
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=trainable,
         steps=out.global_step, seconds=round(seconds, 2), tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         final_loss=_Progress.loss, dropped_too_long=len(rows) - len(kept), kd=kd_counts,
         template_system_prompt={"injected": injected, "replaced_by": own_prompt} if injected else None,
+        resumed_from_step=step_of(resume_from) if resume_from else None, rank_checksums=checksums,
     )
+
+
+def per_process_batch(batch_size: int) -> int:
+    """Each process's share of the global batch `batch_size` (the recipe's): the same samples per optimizer step,
+    and so the same training, whatever the number of processes."""
+    from stillhouse.train.resume import world_size
+
+    n = world_size()
+    if batch_size % n:
+        raise StillhouseError(f"train.batch_size {batch_size} is the global batch and must divide evenly among the "
+                              f"{n} training processes; make it a multiple of {n}")
+    return batch_size // n
+
+
+def rank_checksums(model) -> list[list[float]] | None:
+    """Under data parallelism, each rank's sum and sum of squares of every parameter tensor (one all-gather of two
+    numbers per tensor), so that a run records that its ranks ended with the same weights; None in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    params = list(model.parameters())
+    device = params[0].device if params[0].device.type != "meta" else torch.device("cpu")
+    mine = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in params])
+    mine = mine.flatten().to(device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.cpu().tolist() for t in every]
 
 
 def _encode(tok, messages: list[dict]) -> tuple[list[int], int]:
