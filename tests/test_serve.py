@@ -142,12 +142,10 @@ def test_served_watermark_is_detectable(tiny_models, tmp_path):
     assert len(z) >= 4 and statistics.mean(z) > 4, z
 
 
-def test_sigterm_lets_the_request_in_flight_finish(tiny_models, tmp_path):
-    import os
-    import signal
+def _serve_process(model_dir, *args):
+    """`stillhouse serve` in a subprocess on a free port: (process, base URL) once /health answers."""
     import socket
     import subprocess
-    import threading
     import time
 
     from tests.conftest import STILLHOUSE
@@ -156,32 +154,96 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_models, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    proc = subprocess.Popen([*STILLHOUSE, "serve", str(tiny_models["teacher"]), "--port", str(port), "--model-name", "tiny",
-                             "--window-ms", "1500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*STILLHOUSE, "serve", str(model_dir), "--port", str(port), "--model-name", "tiny", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the server did not start")
+
+
+def _sigterm_with_requests_in_flight(model_dir, n, max_tokens, drain):
+    """n chat requests (the last one streamed) accepted by a server decoding one at a time, then SIGTERM; returns
+    each request's (status, body or stream text), the server's exit code and its stderr."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    proc, url = _serve_process(model_dir, "--max-batch", "1", "--window-ms", "0", "--drain-timeout", str(drain))
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        result = {}
+        out = [None] * n
 
-        def call():
-            result["r"] = httpx.post(url + "/v1/chat/completions", timeout=30,
-                                     json={"model": "tiny", "messages": MSG, "max_tokens": 4, "temperature": 0})
+        def call(k):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {k}."}], "temperature": 0,
+                    "max_tokens": max_tokens, "logit_bias": {str(eos): -100}}  # no early end: every answer runs long
+            if k == n - 1:
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}, timeout=300) as r:
+                    out[k] = (r.status_code, r.read().decode())
+            else:
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+                out[k] = (r.status_code, r.json())
 
-        t = threading.Thread(target=call)
-        t.start()
-        time.sleep(0.5)  # the request now waits in the batching window
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        while True:  # every request accepted: one decoding, the rest waiting for its place
+            h = httpx.get(url + "/health", timeout=10).json()
+            if h["running"] + h["waiting"] == n:
+                break
+            time.sleep(0.01)
         os.kill(proc.pid, signal.SIGTERM)
-        t.join(30)
-        assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["role"] == "assistant"
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+        for t in threads:
+            t.join(300)
+        code = proc.wait(60)
+        return out, code, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_lets_every_accepted_request_finish_within_the_drain_limit(tiny_models):
+    import signal
+
+    out, code, err = _sigterm_with_requests_in_flight(tiny_models["teacher"], 4, 120, drain=120)
+    for status, body in out[:-1]:
+        assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 120
+    status, stream = out[-1]
+    assert status == 200 and '"finish_reason": "length"' in stream and stream.rstrip().endswith("data: [DONE]")
+    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_requests_left_at_the_drain_limit_get_an_openai_shaped_error_saying_the_server_is_stopping(tmp_path):
+    import signal
+
+    from stillhouse.demo.build import SHAPES, make_model
+    from stillhouse.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = make_model(SHAPES["tiny"], tok, 1)
+    model.config.max_position_embeddings = tok.model_max_length = 8192  # answers long enough to be cut off
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out, code, err = _sigterm_with_requests_in_flight(str(tmp_path / "m"), 4, 8000, drain=0)
+    for status, body in out[:-1]:
+        assert status == 503, body
+        assert body["error"]["code"] == "server_stopping" and "the server is stopping" in body["error"]["message"]
+        assert body["error"]["type"] == "server_error"
+    status, stream = out[-1]
+    assert status == 200 and '"code": "server_stopping"' in stream and "[DONE]" not in stream
+    assert code in (0, -signal.SIGTERM)
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_chat_cli_streams_a_reply_from_a_local_model(tiny_models):

@@ -60,6 +60,37 @@ def run(recipe: Path = RecipeArg, force: bool = ForceOpt) -> None:
     print_headline(run_all(load_recipe(recipe), force=force))
 
 
+@app.command("train")
+def train_cmd(recipe: Path = RecipeArg, force: bool = ForceOpt,
+              nproc: int = typer.Option(1, "--nproc", help="training processes on this machine (data parallel; "
+                                                           "one per GPU), started by the launcher"),
+              launcher: str = typer.Option(None, help="torchrun (the default with --nproc > 1; CPU or GPU) or "
+                                                      "accelerate (GPUs; with --accelerate-config for FSDP/DeepSpeed)"),
+              accelerate_config: Path = typer.Option(None, "--accelerate-config",
+                                                     help="an `accelerate config` file (FSDP, DeepSpeed ZeRO, mixed "
+                                                          "precision), passed to `accelerate launch`"),
+              nnodes: int = typer.Option(1, help="machines training together (each runs this command)"),
+              node_rank: int = typer.Option(0, help="this machine's number among them; 0 writes the run"),
+              master_addr: str = typer.Option("127.0.0.1", help="address of the machine with --node-rank 0"),
+              master_port: int = typer.Option(29500, help="port on it for the processes to meet")) -> None:
+    """Train every student on the curated data → student/ (several: students/NAME/). Checkpoints every
+    train.save_steps steps and at SIGTERM/Ctrl-C; running it again resumes. --nproc N trains data-parallel."""
+    from stillhouse.recipe import load_recipe
+    from stillhouse.stages import get_stage, open_run
+    from stillhouse.train.launch import Launch, follow
+
+    launch = Launch(nproc=nproc, launcher=launcher, accelerate_config=accelerate_config, nnodes=nnodes,
+                    node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    r = load_recipe(recipe)
+    launch.check({s.name: r.train_for(s).batch_size for s in r.students})
+    if node_rank > 0:  # another machine's processes: rank 0's machine checks, writes and publishes the run
+        follow(launch, r, open_run(r))
+        return
+    stage = get_stage("train")
+    stage.launch = launch
+    stage.run(r, open_run(r), force=force)
+
+
 def run_help() -> str:
     """`stillhouse run --help`'s text, from the stage registry: every registered stage in the order `run` walks them,
     a plug-in's included, each stage that runs only when the recipe has its section marked so."""
@@ -130,7 +161,10 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               max_queue: int = typer.Option(1024, help="requests allowed to wait; past this, clients get 429 with "
                                                        "Retry-After"),
               max_batch_tokens: int = typer.Option(None, help="prompt + max_tokens admitted into the running batch "
-                                                              "(default: what 4 GiB of KV cache holds)")) -> None:
+                                                              "(default: what 4 GiB of KV cache holds)"),
+              drain_timeout: float = typer.Option(60.0, help="on SIGTERM/Ctrl-C, seconds that accepted requests may "
+                                                             "take to finish; those left get a 503 saying the server "
+                                                             "is stopping")) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from stillhouse.serve import serve
     from stillhouse.ui import console
@@ -146,10 +180,15 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
     extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
     if watermark_logprobs:
         extra["watermark_logprobs"] = True
-    console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests in flight finish first)")
+    if drain_timeout < 0:
+        raise StillhouseError(f"--drain-timeout must not be negative, not {drain_timeout}")
+
+    def ready():  # printed once the model has loaded: a bad directory fails before anything claims to be serving
+        console.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop; requests accepted by then get "
+                      f"{drain_timeout:g} s to finish)")
     serve(model, host=host, port=port, model_name=model_name, api_key_env=api_key_env, max_batch=max_batch,
           window_ms=window_ms, device=device, dtype=dtype, watermark=str(watermark) if watermark else None,
-          max_queue=max_queue, **extra)
+          max_queue=max_queue, drain_timeout=drain_timeout, on_ready=ready, **extra)
 
 
 @app.command("chat")

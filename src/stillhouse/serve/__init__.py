@@ -46,14 +46,43 @@ def build(model_dir: str, model_name: str | None = None, api_key_env: str | None
 KEEP_ALIVE_S = 30
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn lets requests in flight finish before it exits."""
+# How long requests accepted before SIGTERM/SIGINT may take to finish, by default.
+DRAIN_TIMEOUT_S = 60.0
+# Past the drain limit, the time uvicorn gives the failed requests to send their 503s before it cancels what is left.
+_ANSWER_MARGIN_S = 10.0
+
+
+def _server(app, engine, drain_timeout: float, **config):
+    """A uvicorn server whose stop drains the engine first.
+
+    uvicorn alone waits a fixed time for requests in flight and then cancels them: each client got a plain-text 500
+    and the log a traceback, even for requests the server had accepted. Here the first SIGTERM/SIGINT stops new
+    requests (503 "the server is stopping") and gives those accepted, running or waiting, `drain_timeout` seconds to
+    finish; those still unfinished then fail with the same OpenAI-shaped 503, which uvicorn has time to send.
+    """
     import uvicorn
 
+    class _Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                engine.drain(drain_timeout)
+            super().handle_exit(sig, frame)
+
+    return _Draining(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
+                                    timeout_graceful_shutdown=drain_timeout + _ANSWER_MARGIN_S, **config))
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = DRAIN_TIMEOUT_S,
+          on_ready=None, **kw) -> None:
+    """Serve until SIGINT/SIGTERM, then let accepted requests finish for up to `drain_timeout` seconds (those left
+    get an OpenAI-shaped 503 saying the server is stopping). `on_ready()` is called once the model has loaded."""
+    if drain_timeout < 0:
+        raise StillhouseError(f"--drain-timeout must not be negative, not {drain_timeout}")
     engine, app = build(model_dir, **kw)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
-                    timeout_keep_alive=KEEP_ALIVE_S)
+        if on_ready is not None:
+            on_ready()
+        _server(app, engine, drain_timeout, host=host, port=port).run()
     finally:
         engine.close()
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stillhouse.serve.engine import Engine, GenRequest, GenResult, QueueFull
+from stillhouse.serve.engine import Engine, GenRequest, GenResult, QueueFull, Stopping
 
 
 class APIError(Exception):
@@ -155,6 +155,15 @@ WATERMARKED_LOGPROBS_HEADER = {"X-Stillhouse-Logprobs": "watermarked; after wate
                                                         "top-k, top-p, min-p"}
 
 
+_STOPPING_BODY = {"error": {"message": "", "type": "server_error", "param": None, "code": "server_stopping"}}
+
+
+def _stopping_error(e: Stopping) -> JSONResponse:
+    """503 with Retry-After: the request was not served because the server is stopping."""
+    return JSONResponse(status_code=503, headers={"Retry-After": "5"},
+                        content=_STOPPING_BODY | {"error": _STOPPING_BODY["error"] | {"message": str(e)}})
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_name`; requests need `Bearer api_key` when one is set."""
     app = FastAPI(title="stillhouse serve", docs_url=None, redoc_url=None)
@@ -180,6 +189,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Stopping)  # accepted, then not finished within the drain limit; or arrived while stopping
+    async def _stopping(_, e: Stopping):
+        return _stopping_error(e)
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
@@ -216,6 +229,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except QueueFull as e:
             raise APIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except Stopping:
+            raise
         except RuntimeError as e:  # closed or stopped
             raise APIError(503, str(e), type_="server_error", code="unavailable") from None
 
@@ -248,8 +263,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/health")
     async def health():
+        running, waiting = engine.load()
         return {"status": "ok", "model": model_name, "batches_run": engine.batches_run,
-                "largest_batch": engine.largest_batch}
+                "largest_batch": engine.largest_batch, "running": running, "waiting": waiting}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
@@ -385,6 +401,9 @@ async def _chat_stream(cid: str, created: int, model: str, events: asyncio.Queue
                 yield chunk(k, {"content": item}, None)
                 continue
             left -= 1
+            if isinstance(item.exception(), Stopping):
+                yield event(_STOPPING_BODY | {"error": _STOPPING_BODY["error"] | {"message": str(item.exception())}})
+                return
             if item.exception() is not None:
                 yield event({"error": {"message": f"generation failed: {type(item.exception()).__name__}",
                                        "type": "server_error", "param": None, "code": None}})

@@ -53,6 +53,13 @@ class GenRequest:
         return len(self.prompt_ids) + self.max_tokens
 
 
+class Stopping(RuntimeError):
+    """The server is stopping: new requests are refused, and accepted ones still unfinished at the drain limit fail."""
+
+    def __init__(self, message: str = "the server is stopping; send the request again to a running server"):
+        super().__init__(message)
+
+
 class QueueFull(RuntimeError):
     """The engine's waiting queue is full; `retry_after` is a guess, in seconds, of when it will have room."""
 
@@ -245,6 +252,7 @@ class Engine:
         self._last_admit = 0  # steps_run at the last admission
         self._dead: RuntimeError | None = None  # set if the loop ever fails outside a request
         self._closed = False
+        self._drain_until: float | None = None  # set by `drain`: when accepted requests still unfinished fail
         self._stopped = False  # the loop has ended (set before its last drain of the queue)
         self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
         self._thread.start()
@@ -279,6 +287,18 @@ class Engine:
         self.queue.put(None)
         self._thread.join()
 
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests (`Stopping`) and keep working on the accepted ones, running or waiting, for up to
+        `timeout` seconds; at that limit those still unfinished fail with `Stopping`. Returns at once."""
+        self._drain_until = time.monotonic() + max(0.0, timeout)
+        self._closed = True
+        self.queue.put(_WAKE)  # an idle loop blocked on the queue checks the limit now
+
+    def load(self) -> tuple[int, int]:
+        """Requests decoding now and requests accepted but waiting for a place."""
+        batch = self._batch
+        return (len(batch.seqs) if batch is not None else 0), self._waiting
+
     def _put(self, item) -> None:
         self.queue.put(item)
         # The loop may have ended between `_check_open` and the put (a close racing this call): nobody would ever
@@ -302,6 +322,8 @@ class Engine:
     def _check_open(self) -> None:
         if self._dead is not None:
             raise self._dead
+        if self._drain_until is not None:
+            raise Stopping()
         if self._closed:
             raise RuntimeError("the generation engine is closed")
 
@@ -335,6 +357,13 @@ class Engine:
         while True:
             if not stopping:
                 stopping = self._collect(waiting, block=not batch.seqs and not waiting)
+            if self._drain_until is not None and time.monotonic() >= self._drain_until:
+                # the drain limit: every accepted request not yet finished fails, saying why
+                if batch.seqs:
+                    self._fail(batch.seqs, Stopping())
+                    batch = self._batch = self._new_batch()
+                self._fail_waiting(waiting, Stopping())
+                self._fail_queued(Stopping())
             if stopping:  # close(): what is running finishes, what waits fails
                 self._fail_waiting(waiting)
                 if not batch.seqs:
@@ -456,6 +485,8 @@ class Engine:
                 return False
             if item is None:
                 return True
+            if item is _WAKE:  # back to the loop, which checks the drain limit
+                return False
             if isinstance(item, _Score):
                 self._run_score(item)
             elif item.future.cancelled():
@@ -475,7 +506,7 @@ class Engine:
     @staticmethod
     def _fail(seqs: list[_Seq], exc: BaseException | None = None) -> None:
         for s in seqs:
-            _resolve(s.req.future, exc=exc or RuntimeError("the server is shutting down"))
+            _resolve(s.req.future, exc=exc or Stopping())
 
     def _fail_waiting(self, waiting: list[_Seq], exc: BaseException | None = None) -> None:
         self._unwait(len(waiting))
@@ -488,10 +519,10 @@ class Engine:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if item is not None and item is not _WAKE:
                 if isinstance(item, GenRequest):
                     self._unwait(1)
-                _resolve(item.future, exc=exc or RuntimeError("the server is shutting down"))
+                _resolve(item.future, exc=exc or Stopping())
 
     @torch.inference_mode()
     def _run_score(self, job: _Score) -> None:
@@ -616,6 +647,9 @@ class Engine:
                 except Exception:  # a listener that has gone away (closed event loop) must not fail the batch
                     pass
                 s.sent = end
+
+
+_WAKE = object()  # put on the queue to wake an idle loop
 
 
 def _lp_entry(logp: torch.Tensor, t: int, top: int | None) -> dict:
