@@ -412,3 +412,48 @@ def test_models_without_plain_full_attention_caches_run_in_cohorts(tiny_models, 
         assert isinstance(e._batch, batches._CohortBatch)
     finally:
         e.close()
+
+
+def _real_shaped_llama(root, vocab=49152):
+    """A config-built Llama shaped like SmolLM2 where the engine could go wrong: a 49,152-token vocabulary, grouped
+    KV heads (4 query heads share 2), tied embeddings; tiny otherwise. Its tokenizer maps token i to the word "wi"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="w2", pad_token="w2", unk_token="w0")
+    torch.manual_seed(0)
+    # initializer_range 0.2: logits spread like a trained model's, so no two candidates tie within rounding
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=0.2, eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_a_49k_vocabulary_with_grouped_heads_and_tied_embeddings_matches_generate(tmp_path):
+    """Greedy fp32 answers equal `generate` alone, one at a time and in a batch that requests join mid-decode and
+    leave at different steps (rows moved into finished rows' places), prompts of 3 to 150 tokens."""
+    e = Engine(str(_real_shaped_llama(tmp_path / "m")), max_batch=16, window_ms=5, dtype="float32")
+    try:
+        g = torch.Generator().manual_seed(1)
+        lengths = [3, 150, 17, 64, 5, 33, 90, 8, 41, 120, 12, 27]
+        prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+        budgets = [20, 6, 31, 12, 25, 3, 18, 28, 9, 15, 22, 11]
+        want = [_alone(e, p, n) for p, n in zip(prompts, budgets)]
+        assert len({w[0] for w in want}) > 6  # answers that differ: the argmax runs over the whole vocabulary
+        alone = [e.submit(GenRequest(p, n, temperature=0.0)).result(timeout=60).token_ids
+                 for p, n in zip(prompts[:3], budgets[:3])]
+        assert alone == want[:3]
+        first = [e.submit(GenRequest(p, n, temperature=0.0)) for p, n in zip(prompts[:6], budgets[:6])]
+        _wait_steps(e, 4)  # the first six are decoding (one has already left); the rest join mid-flight
+        later = [e.submit(GenRequest(p, n, temperature=0.0)) for p, n in zip(prompts[6:], budgets[6:])]
+        got = [f.result(timeout=120).token_ids for f in first + later]
+        assert got == want
+        assert e.largest_batch > 6
+    finally:
+        e.close()
