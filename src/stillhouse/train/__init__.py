@@ -29,6 +29,10 @@ class TrainStage(Stage):
             resolve_model(s.base)
         if any(_needs_local_teacher(recipe.train_for(s)) for s in recipe.students):
             local_teacher(recipe)
+        if any(recipe.train_for(s).method == "on_policy" for s in recipe.students):
+            from stillhouse.train.onpolicy import check_teacher
+
+            check_teacher(recipe)
         require_columns(run.curated, ("messages",))
         if _distils(recipe):  # read once here, refused before the stage begins, used by execute
             self._kd_logprobs = _teacher_logprobs(run, check=True)
@@ -54,12 +58,17 @@ class TrainStage(Stage):
             t, out = recipe.train_for(student), run.student_dir(student.name)
             # steps of the total, loss and an ETA from the first step: a bar on a terminal, else a line every 5%
             with TrainingProgress(f"train {student.name}" if len(recipe.students) > 1 else "train") as progress:
-                result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
-                             batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
-                             device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
-                             identity=student.identity.model_dump() if student.identity else None,
-                             **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}),
-                             **({"teacher": local_teacher(recipe)} if _needs_local_teacher(t) else {}))
+                if t.method == "on_policy":  # the student's own samples, scored by the teacher
+                    from stillhouse.train.onpolicy import on_policy, on_policy_arguments
+
+                    result = on_policy(**on_policy_arguments(recipe, run, student, out), callbacks=[progress])
+                else:
+                    result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
+                                 batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
+                                 device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
+                                 identity=student.identity.model_dump() if student.identity else None,
+                                 **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}),
+                                 **({"teacher": local_teacher(recipe)} if _needs_local_teacher(t) else {}))
             shutil.rmtree(out / "_trainer", ignore_errors=True)
             (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
             (out / "stillhouse_provenance.json").write_text(json.dumps(
@@ -167,6 +176,13 @@ Distilled by stillhouse from teacher `{recipe.teacher.spec}` into base `{student
 
 
 def _method_line(t, result) -> str:
+    if t.method == "on_policy":
+        k = result.kd or {}
+        how = ("a local teacher's full next-token distribution" if k.get("teacher") == "local" else
+               f"a served teacher's top-{k.get('top_logprobs')} logprobs ({k.get('scoring_via')}; "
+               f"{k.get('scoring_calls_made', 0)} scoring calls made, {k.get('scoring_calls_cached', 0)} from the ledger)")
+        return (f"on-policy distillation ({t.kd.loss}): the student answered the {k.get('prompts', 0)} prompts itself "
+                f"(up to {t.on_policy.max_new_tokens} tokens at temperature {t.on_policy.temperature}), scored by {how}")
     if t.method != "kd":
         return "supervised fine-tuning on the teacher's answers (loss on the answers only)"
     k = result.kd or {}
