@@ -192,6 +192,9 @@ class TrainSpec(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lora: LoraSpec | None = None
+    save_steps: int = Field(100, ge=0, description="a checkpoint every N optimizer steps, kept under "
+                                                   "checkpoints/NAME/ until the student is complete, which a rerun "
+                                                   "resumes from (0: only at SIGTERM or Ctrl-C)")
 
     @model_validator(mode="after")
     def _kd_needs_its_method(self):

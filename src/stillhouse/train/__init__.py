@@ -16,6 +16,8 @@ class TrainStage(Stage):
     writes = ("students",)
     section = "train"
     always = True
+    command = False  # `stillhouse train` is a built-in command of its own: it takes the launcher's options
+    launch = None  # a `stillhouse.train.launch.Launch` to train in processes a launcher starts (else in this one)
 
     def config(self, recipe) -> dict:
         return {"students": [{"name": s.name, "base": s.base, "train": _settings(recipe.train_for(s))}
@@ -44,40 +46,56 @@ class TrainStage(Stage):
         import pyarrow.parquet as pq
 
         from stillhouse.models import count_parameters, resolve_model
-        from stillhouse.train.sft import sft
-        from stillhouse.train.progress import TrainingProgress
+        from stillhouse.rundir import tagged_hash
+        from stillhouse.train.launch import Launch, checkpoint_folder, run_workers
+        from stillhouse.train.resume import prepare, step_of
+        from stillhouse.ui import console
 
         data_hash = self.inputs(recipe, run)["curated"]
-        rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
+        launch = self.launch or Launch()
+        launch.check({s.name: recipe.train_for(s).batch_size for s in recipe.students})
+        n_rows = pq.read_metadata(run.curated).num_rows
         kd_logprobs = self.__dict__.pop("_kd_logprobs", None)
-        if kd_logprobs is None and _distils(recipe):
-            kd_logprobs = _teacher_logprobs(run)
         bases = {s.name: resolve_model(s.base) for s in recipe.students}  # every base checked before any training
         dirs, per = [], {}
         for student in recipe.students:
             t, out = recipe.train_for(student), run.student_dir(student.name)
-            # steps of the total, loss and an ETA from the first step: a bar on a terminal, else a line every 5%
-            with TrainingProgress(f"train {student.name}" if len(recipe.students) > 1 else "train") as progress:
-                if t.method == "on_policy":  # the student's own samples, scored by the teacher
-                    from stillhouse.train.onpolicy import on_policy, on_policy_arguments
+            # Checkpoints and the trained weights stay under checkpoints/NAME/ until the student is complete; a
+            # rerun of the same job (same base, data and settings) resumes from the newest checkpoint.
+            folder = checkpoint_folder(run, student.name)
+            job = {"base": student.base, "data": data_hash, "train": _settings(t),
+                   "identity": student.identity.model_dump() if student.identity else None}
+            resume_from = prepare(folder, tagged_hash(job))
+            if resume_from is not None:
+                console.print(f"train {student.name}: resuming from {resume_from.name} (step {step_of(resume_from)})")
+            if launch.used:
+                result = run_workers(launch, run.root, student.name, folder)
+            else:
+                from stillhouse.train.progress import TrainingProgress
+                from stillhouse.train.sft import sft
 
-                    result = on_policy(**on_policy_arguments(recipe, run, student, out), callbacks=[progress])
-                else:
-                    result = sft(rows, bases[student.name], out, epochs=t.epochs, learning_rate=t.learning_rate,
-                                 batch_size=t.batch_size, max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
-                                 device=t.device, lora=t.lora.model_dump() if t.lora else None, callbacks=[progress],
-                                 identity=student.identity.model_dump() if student.identity else None,
-                                 **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}),
-                                 **({"teacher": local_teacher(recipe)} if _needs_local_teacher(t) else {}))
-            shutil.rmtree(out / "_trainer", ignore_errors=True)
-            (out / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, len(rows)))
-            (out / "stillhouse_provenance.json").write_text(json.dumps(
+                # steps of the total, loss and an ETA from the first step: a bar on a terminal, else a line every 5%
+                with TrainingProgress(f"train {student.name}" if len(recipe.students) > 1 else "train") as progress:
+                    if t.method == "on_policy":  # the student's own samples, scored by the teacher
+                        from stillhouse.train.onpolicy import on_policy, on_policy_arguments
+
+                        result = on_policy(**on_policy_arguments(recipe, run, student, folder / "final"),
+                                           callbacks=[progress])
+                    else:
+                        result = sft(**sft_arguments(recipe, run, student, kd_logprobs), callbacks=[progress])
+            staged = folder / "final"
+            (staged / "README.md").write_text(_model_card(recipe, student, t, data_hash, result, n_rows))
+            (staged / "stillhouse_provenance.json").write_text(json.dumps(
                 {"teacher": recipe.teacher.spec, "student": student.name, "base": student.base, "data_hash": data_hash,
-                 "samples": len(rows), "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
+                 "samples": n_rows, "teacher_terms": recipe.teacher.terms, "use": recipe.use.model_dump(),
                  "train": _settings(t),
                  # the base template's default system prompt (a teacher's identity) and the student's in its place
                  **({"template_system_prompt": result.template_system_prompt} if result.template_system_prompt else {})},
                 indent=2) + "\n")
+            _publish(staged, out)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
             per[student.name] = {"steps": result.steps, "parameters": result.parameters,
                                  "trainable_parameters": result.trainable_parameters,
                                  "base_parameters": count_parameters(bases[student.name]),
@@ -85,11 +103,58 @@ class TrainStage(Stage):
                                  "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                                  **({"kd": result.kd} if result.kd else {}),
                                  **({"template_system_prompt": result.template_system_prompt}
-                                    if result.template_system_prompt else {})}
+                                    if result.template_system_prompt else {}),
+                                 **({"resumed_from_step": result.resumed_from_step}
+                                    if result.resumed_from_step else {}),
+                                 **({"processes": len(result.rank_checksums),
+                                     "ranks_agree": all(c == result.rank_checksums[0] for c in result.rank_checksums)}
+                                    if result.rank_checksums else {})}
             dirs.append(out)
         first = per[recipe.students[0].name]
-        counts = {"samples": len(rows), **first, "students": per}
+        counts = {"samples": n_rows, **first, "students": per}
         return StageResult({"students": dirs}, counts)
+
+
+def sft_arguments(recipe, run, student, kd_logprobs=None) -> dict:
+    """Everything `stillhouse.train.sft.sft` is called with for `student` (but callbacks): the same in this process
+    and in each process a launcher starts (`stillhouse.train.launch`). The weights go to the student's checkpoint
+    folder's `final/`, which becomes `student/` once the model card is written beside them."""
+    import pyarrow.parquet as pq
+
+    from stillhouse.models import resolve_model
+    from stillhouse.train.launch import checkpoint_folder
+
+    t = recipe.train_for(student)
+    rows = pq.read_table(run.curated, columns=["messages"]).to_pylist()
+    folder = checkpoint_folder(run, student.name)
+    if _distils_from_ledger(t) and kd_logprobs is None:
+        kd_logprobs = _teacher_logprobs(run)
+    return dict(rows=rows, base=resolve_model(student.base), out_dir=folder / "final", checkpoint_dir=folder,
+                save_steps=t.save_steps, epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+                max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio, device=t.device,
+                lora=t.lora.model_dump() if t.lora else None,
+                identity=student.identity.model_dump() if student.identity else None,
+                **({"kd": t.kd.model_dump(), "teacher_logprobs": kd_logprobs} if t.method == "kd" else {}),
+                **({"teacher": local_teacher(recipe)} if _needs_local_teacher(t) else {}))
+
+
+def _distils_from_ledger(t) -> bool:
+    return t.method == "kd" and t.kd.source == "ledger"
+
+
+def _publish(staged, out) -> None:
+    """Put the complete student in place: a reader finds the old student or the new one, never a half-written one
+    (the old one is moved aside, the new one renamed in, the old one removed)."""
+    import os
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _distils(recipe) -> bool:
@@ -127,6 +192,7 @@ def _settings(t) -> dict:
             d["kd"].pop(k)
     if t.method != "on_policy":
         d.pop("on_policy")
+    d.pop("save_steps")  # how often checkpoints are written changes no weight (a resumed run equals an unbroken one)
     return d
 
 

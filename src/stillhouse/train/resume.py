@@ -25,8 +25,6 @@ import shutil
 import signal
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from stillhouse.errors import StillhouseError
 
 MARK = "stillhouse-complete"
@@ -96,7 +94,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class Checkpoints(TrainerCallback):
+def __getattr__(name: str):
+    # `Checkpoints` subclasses transformers' TrainerCallback, whose import pulls in torch (seconds): the class is made
+    # on first use, so that the command that only starts a launcher's processes never imports it
+    if name == "Checkpoints":
+        globals()["Checkpoints"] = cls = _checkpoints_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _checkpoints_class():
+    from transformers import TrainerCallback
+
+    return type("Checkpoints", (_Checkpoints, TrainerCallback), {"__module__": __name__})
+
+
+class _Checkpoints:
     """Marks each checkpoint complete once every rank wrote its part; at SIGTERM or SIGINT, ends the step in progress
     with a checkpoint and stops training (`signum` then says which signal). No final checkpoint is written when
     training ends normally: the student is saved right after it."""

@@ -202,6 +202,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         completion_only_loss=True, logging_steps=5, report_to=[], seed=seed, data_seed=seed,
         # two kept: the newest may be one a kill cut short (not marked complete), and then the one before is resumed
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or None, save_total_limit=2,
+        ddp_find_unused_parameters=False,  # (under DDP) every trainable parameter takes part in every step
         dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=kd is None,  # the teacher's slots ride beside the tokens to the KD collator
     )
