@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stillhouse.errors import StillhouseError
+from stillhouse.yamlerrors import raise_validation
 
 
 class _Strict(BaseModel):
@@ -421,61 +422,10 @@ class Recipe(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
-    """The 1-based line of the YAML node at `loc`, or of its nearest existing parent."""
-    node, line = root, None
-    for key in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            node = None
-    return node.start_mark.line + 1 if node is not None else line
+def _sections() -> list[str]:
+    from stillhouse.stages import section_models
 
-
-def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
-    """Like `_line_of`, but for an unknown key returns the line of the key itself."""
-    node = root
-    for i, key in enumerate(loc):
-        if not isinstance(node, yaml.MappingNode):
-            return _line_of(root, loc)
-        pair = next(((k, v) for k, v in node.value if k.value == key), None)
-        if pair is None:
-            return _line_of(root, loc[:i])
-        if i == len(loc) - 1:
-            return pair[0].start_mark.line + 1
-        node = pair[1]
-    return _line_of(root, loc)
-
-
-def _fail(err: dict, root: yaml.Node | None, source: str, prefix: tuple = (), model: type[BaseModel] | None = None):
-    loc = prefix + tuple(err["loc"])
-    field = ".".join(str(p) for p in loc) or "recipe"
-    line = _key_line(root, loc) if err["type"] == "extra_forbidden" else _line_of(root, loc)
-    where = f"{source}:{line}" if line else source
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        import difflib
-
-        known = _known_fields(tuple(err["loc"])[:-1], model or Recipe)
-        if not prefix and len(loc) == 1:
-            from stillhouse.stages import section_models
-
-            known = known + sorted(section_models())
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        msg = f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (known: {', '.join(known)})"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-    else:
-        got = err.get("input")
-        msg = f"{msg} (got {got!r})" if "input" in err and not isinstance(got, dict) and repr(got) not in msg else msg
-    if not loc:  # a whole-recipe rule (model validator)
-        field = "recipe"
-    raise StillhouseError(f"{where}: {field}: {msg}") from None
+    return sorted(section_models())
 
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = None) -> Recipe:
@@ -507,32 +457,14 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict | None = N
                 try:
                     value = model.model_validate(value if value is not None else {})
                 except ValidationError as e:
-                    _fail(e.errors()[0], root, source, (key,), model)
+                    raise_validation(e, root, source, model, (key,))
             extensions[key] = value
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        _fail(e.errors()[0], root, source)
+        raise_validation(e, root, source, Recipe, extra_known=_sections)
     recipe.extensions = extensions
     return recipe
-
-
-def _known_fields(loc: tuple, model: type[BaseModel]) -> list[str]:
-    for key in loc:
-        if isinstance(key, int) or key not in model.model_fields:
-            continue
-        ann = model.model_fields[key].annotation
-        for cand in _model_args(ann):
-            model = cand
-            break
-    return [f for f in model.model_fields if f != "extensions"]
-
-
-def _model_args(ann) -> list[type[BaseModel]]:
-    """The pydantic models inside an annotation such as `X | None` or `list[X]`."""
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return [ann]
-    return [m for a in getattr(ann, "__args__", ()) or () for m in _model_args(a)]
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from stillhouse.errors import StillhouseError
 from stillhouse.registry import Registry
+from stillhouse.yamlerrors import raise_validation
 
 PROMPT_SOURCES: Registry = Registry("stillhouse.prompt_sources", "prompt source")
 BENCHMARKS: Registry = Registry("stillhouse.benchmarks", "benchmark")
@@ -235,8 +236,6 @@ def resolve_verifier(name: str, options: dict | None, extractor: str | None) -> 
 
 def load_task_file(path: str | Path) -> BenchmarkFile:
     """A benchmark task file, validated; StillhouseError naming the file, line and field on any problem."""
-    from stillhouse.recipe import _key_line, _known_fields, _line_of
-
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -252,21 +251,7 @@ def load_task_file(path: str | Path) -> BenchmarkFile:
     try:
         return BenchmarkFile.model_validate(data, context={"base": str(p.parent)})
     except ValidationError as e:
-        errors = e.errors()  # an unknown key first: a misspelt field is also reported missing
-        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-        loc = tuple(err["loc"])
-        line = _key_line(root, loc) if err["type"] == "extra_forbidden" else _line_of(root, loc)
-        field = ".".join(str(x) for x in loc) or "tasks"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            import difflib
-
-            known = _known_fields(loc[:-1], BenchmarkFile)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            msg = f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (known: {', '.join(known)})"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        raise StillhouseError(f"{p}{f':{line}' if line else ''}: {field}: {msg}") from None
+        raise_validation(e, root, str(p), BenchmarkFile, whole="tasks")
 
 
 def benchmark_files(source: str) -> list[str]:

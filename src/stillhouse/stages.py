@@ -148,10 +148,9 @@ def section_models() -> dict[str, type[BaseModel] | None]:
 
 
 def open_run(recipe) -> RunDir:
-    """The recipe's run directory (created if new; the resolved recipe is written when a stage starts)."""
-    run = RunDir(recipe.run_path())
-    run.root.mkdir(parents=True, exist_ok=True)
-    return run
+    """The recipe's run directory. Nothing is created here: it appears when a stage starts (the resolved recipe
+    written first), so a run refused for bad input leaves no empty `runs/NAME/` behind."""
+    return RunDir(recipe.run_path())
 
 
 def run_stage(name: str, recipe, force: bool = False, **flags: bool) -> dict | None:

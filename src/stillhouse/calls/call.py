@@ -74,10 +74,13 @@ def plan(model: ModelRef, reqs: list[Request], tag: dict | None = None) -> list[
 
 
 def call_models(model: ModelRef, reqs: list[Request], ledger: Ledger, *, stage: str, label: str | None = None,
-                tag: dict | None = None) -> CallBatch:
+                tag: dict | None = None, batch=None) -> CallBatch:
     """Answer `reqs` from the ledger where it can, else by calling the model; each call is committed the moment it
     completes (a failure too, as a `failed` row), so an interrupted run loses nothing and a re-run makes only the
-    missing calls. A request listed twice is one call. Sampled requests are sent with `derive_seed(key)`."""
+    missing calls. A request listed twice is one call. Sampled requests are sent with `derive_seed(key)`.
+
+    `batch` (the recipe's `generation.batch` settings): make the missing calls through a batch runner instead
+    (`calls.batch`), at the batch price; same keys, same rows, `mode` 'batch' in the ledger."""
     t0 = time.time()
     keys = plan(model, reqs, tag)
     cached = ledger.get_many(keys)
@@ -87,7 +90,12 @@ def call_models(model: ModelRef, reqs: list[Request], ledger: Ledger, *, stage: 
     budget = Budget(model.max_cost_usd, spent_usd=ledger.spent())
     session = ledger.start_session(stage, model.model, len(reqs), len(reqs) - len(missing))
     made, failures = 0, []
-    if missing:
+    if missing and batch is not None:
+        from stillhouse.calls.batch import call_batched
+
+        made, failures = call_batched(model, reqs, keys, missing, ledger, stage, label or stage, price, budget,
+                                      len(reqs) - len(missing), batch)
+    elif missing:
         made, failures = _call_missing(model, reqs, keys, missing, ledger, stage, label or stage, price, budget,
                                        len(reqs) - len(missing))
     ledger.end_session(session, made, len(failures), budget.refused)
@@ -95,33 +103,43 @@ def call_models(model: ModelRef, reqs: list[Request], ledger: Ledger, *, stage: 
                      time.time() - t0)
 
 
+def ledger_request(req: Request, key: str) -> dict:
+    """A request as the ledger's `request` column records it."""
+    return {"messages": list(req.messages), **req.params(), "sample_index": req.sample_index,
+            "sent_seed": derive_seed(key)}
+
+
 def _call_missing(model: ModelRef, reqs, keys, missing, ledger: Ledger, stage: str, label: str, price: Price,
-                  budget: Budget, n_cached: int) -> tuple[int, list[str]]:
-    backend = load_backend(model.spec, model.options)
+                  budget: Budget, n_cached: int, backend=None, total: int | None = None) -> tuple[int, list[str]]:
+    own = backend is None
+    backend = backend or load_backend(model.spec, model.options)
     sub = [dataclasses.replace(reqs[i], seed=derive_seed(keys[i])) for i in missing]
-    worst = {i: price.cost(estimate_prompt_tokens(reqs[i].messages), reqs[i].max_tokens) for i in missing}
+    counter = getattr(backend, "count_prompt_tokens", None)  # the teacher's tokenizer, where its backend knows it
+    worst = {i: price.cost(estimate_prompt_tokens(reqs[i].messages, counter), reqs[i].max_tokens) for i in missing}
     made, failures, tokens, t0 = 0, [], 0, time.time()
     endpoint = getattr(backend, "endpoint", None)
 
     def request_row(i: int) -> dict:
-        return {"messages": list(reqs[i].messages), **reqs[i].params(), "sample_index": reqs[i].sample_index,
-                "sent_seed": derive_seed(keys[i])}
+        return ledger_request(reqs[i], keys[i])
 
     try:
-        with progress_bar(label, len(reqs)) as advance:
+        with progress_bar(label, total or len(reqs)) as advance:
             advance(n_cached, cached=n_cached)
             for j, result in backend.generate(sub, admit=lambda j: budget.admit(worst[missing[j]])):
                 i = missing[j]
                 if isinstance(result, Exception):
                     reason = getattr(result, "reason", None) or f"{type(result).__name__}: {result}"
                     failures.append(reason)
+                    billed = getattr(result, "billed", (0, 0))  # what the provider charged for answers it broke
+                    cost = price.cost(*billed)
                     ledger.record_failure(keys[i], stage=stage, backend=backend.name, endpoint=endpoint,
                                           model=backend.model, request=request_row(i), error=reason,
-                                          attempts=getattr(result, "attempts", 1))
-                    budget.settle(worst[i], 0.0)
+                                          attempts=getattr(result, "attempts", 1), cost_usd=cost, billed=billed)
+                    budget.settle(worst[i], cost)
                     advance(0, failed=len(failures))
                     continue
                 cost = price.cost(result.prompt_tokens, result.completion_tokens)
+                cost += price.cost(*result.extra.get("billed_failures", (0, 0)))
                 ledger.record(keys[i], stage=stage, backend=backend.name, endpoint=endpoint, model=backend.model,
                               request=request_row(i), completion=result, latency_s=result.extra.get("latency_s"),
                               cost_usd=cost, attempts=result.extra.get("attempts", 1))
@@ -131,7 +149,8 @@ def _call_missing(model: ModelRef, reqs, keys, missing, ledger: Ledger, stage: s
                 advance(1, tokens=f"{tokens:,}", cost=budget, rate=_Rate(made, t0),
                         **({"failed": len(failures)} if failures else {}))
     finally:
-        backend.close()
+        if own:
+            backend.close()
     return made, failures
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable
 
 # USD per million input / output tokens, from the providers' public price pages (2025).
 # A recipe's `teacher.price` overrides these; an unlisted model costs 0 unless priced there.
@@ -38,13 +39,18 @@ def price_for(model: str, override: dict | None = None) -> Price:
     return Price(*DEFAULT_PRICES.get(model, (0.0, 0.0)))
 
 
-def estimate_prompt_tokens(messages) -> int:
-    """A deliberately high estimate of prompt tokens when the teacher's tokenizer is unknown.
+def estimate_prompt_tokens(messages, counter: Callable[[Any], int | None] | None = None) -> int:
+    """The prompt tokens a budget reserves for: the teacher's own count where its backend knows its tokenizer
+    (`counter`, e.g. tiktoken for OpenAI's models), else a bound that cannot undercount.
 
-    Three characters per token (English averages about four) plus a few tokens per message,
-    so that budget reservations err on the side of stopping early.
+    The bound is the UTF-8 bytes (no byte-level BPE makes more tokens than bytes) plus each message's framing: about
+    four times English's real count, and never under CJK text's, which characters / 3 undercounted.
     """
-    return sum(len(m["content"]) // 3 + 8 for m in messages)
+    if counter is not None:
+        n = counter(messages)
+        if n is not None:
+            return n
+    return sum(len(str(m.get("content") or "").encode()) + 8 for m in messages) + 3
 
 
 class Budget:

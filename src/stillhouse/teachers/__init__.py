@@ -55,11 +55,12 @@ class Completion:
 
 
 class CallFailed(Exception):
-    """A request that failed on every attempt; `reason` says why (never includes a key)."""
+    """A request that failed on every attempt; `reason` says why (never includes a key). `billed` is the (prompt,
+    completion) tokens the provider said it charged for the failed attempts (a 200 with no usable answer)."""
 
-    def __init__(self, index: int, reason: str, attempts: int):
+    def __init__(self, index: int, reason: str, attempts: int, billed: tuple[int, int] = (0, 0)):
         super().__init__(reason)
-        self.index, self.reason, self.attempts = index, reason, attempts
+        self.index, self.reason, self.attempts, self.billed = index, reason, attempts, tuple(billed)
 
 
 def Transport(default: Any = None, **kw: Any) -> Any:

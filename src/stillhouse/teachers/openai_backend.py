@@ -7,7 +7,11 @@ clients), each worker sending to the endpoint with the fewest calls in flight.
 Retries are ours, not the client's (its `max_retries` is set to 0): the client does not
 retry a 200 response whose body is malformed or truncated, and that must count as a failed
 attempt, never as a sample. Back-off is exponential with full jitter, and honours
-`Retry-After` when the server sends one.
+`Retry-After` (seconds or an HTTP date, or OpenAI's `retry-after-ms`) up to the call's timeout.
+
+Reasoning models (OpenAI's o-series and gpt-5) reject `max_tokens` and sampling parameters with a
+400: a model whose name matches `reasoning_models` is sent `max_completion_tokens` and no
+temperature or top_p. The table is an option, so a new model family needs no release.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import json
 import os
 import queue
 import random
+import re
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
@@ -29,6 +35,13 @@ from stillhouse.teachers import BackendOptions, CallFailed, Completion, Request,
 
 # Statuses where retrying cannot help: the request itself is wrong, or the key is.
 _FATAL_STATUS = {400, 401, 403, 404, 422}
+
+# Model names (regular expressions, matched from the start) that take `max_completion_tokens` and no sampling
+# parameters: OpenAI's reasoning models. gpt-5-chat is a chat model and takes both.
+REASONING_MODELS = [r"o\d", r"gpt-5(?!-chat)", r"codex-"]
+
+# Model names tiktoken knows the tokenizer of (OpenAI's own).
+_OPENAI_MODELS = re.compile(r"(gpt-|o\d|chatgpt-|text-embedding-|davinci|babbage)")
 
 
 class OpenAIOptions(BackendOptions):
@@ -45,6 +58,10 @@ class OpenAIOptions(BackendOptions):
     logprobs: bool = Field(False, description="ask for the chosen tokens' logprobs")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and the k most likely alternatives")
     extra_body: dict = Field(default_factory=dict, description="extra JSON fields sent with every request")
+    reasoning_models: list[str] = Transport(
+        list(REASONING_MODELS),
+        description="model-name patterns (regular expressions from the start of the name) of reasoning models: "
+                    "they are sent max_completion_tokens and no temperature or top_p")
 
 
 class OpenAIBackend:
@@ -72,35 +89,57 @@ class OpenAIBackend:
         self.top_logprobs = options.top_logprobs
         self.extra_body = dict(options.extra_body)
         self.endpoint = ",".join(urlparse(u).netloc for u in self.base_urls)  # hosts only: never a key
+        try:
+            self.reasoning = any(re.match(p, model) for p in options.reasoning_models)
+        except re.error as e:
+            raise StillhouseError(f"teacher.options.reasoning_models: not a regular expression ({e})") from None
+        self._encoding = None
 
     # -- one call ---------------------------------------------------------------------------
-    def _body(self, req: Request) -> dict:
-        body = {"model": self.model, "messages": list(req.messages), "max_tokens": req.max_tokens,
-                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
+    def request_body(self, req: Request) -> dict:
+        """The JSON body of one chat completion request (online, or as a line of a batch file)."""
+        if self.reasoning:
+            body = {"model": self.model, "messages": list(req.messages), "max_completion_tokens": req.max_tokens,
+                    "seed": req.seed}
+        else:
+            body = {"model": self.model, "messages": list(req.messages), "max_tokens": req.max_tokens,
+                    "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
+        body.update(self.extra_body)
         if self.logprobs:
             body["logprobs"] = True
             if self.top_logprobs:
                 body["top_logprobs"] = int(self.top_logprobs)
         return body
 
+    def count_prompt_tokens(self, messages) -> int | None:
+        """The prompt's tokens by tiktoken where the model is OpenAI's and tiktoken can load its encoding; None where
+        the tokenizer is unknown (the call layer then uses a bound that cannot undercount)."""
+        if self._encoding is None:
+            self._encoding = _tiktoken_encoding(self.model) or False
+        if self._encoding is False:
+            return None
+        # each message's role and separators cost a few tokens beyond its content (OpenAI's cookbook counts 3-4)
+        return sum(len(self._encoding.encode(str(m.get("content") or ""), disallowed_special=())) + 4
+                   for m in messages) + 3
+
     @staticmethod
-    def _parse(body: bytes) -> Completion:
-        """Validate a response body; raise ValueError for anything that is not a usable completion.
+    def _parse(body: bytes | dict) -> Completion:
+        """Validate a response body; raise `Unusable` (a ValueError) for anything that is not a usable completion.
 
         The raw JSON is read directly rather than through the client's pydantic models: at a
         few hundred calls a second that parsing is a measurable share of one core.
         """
-        resp = json.loads(body)
+        resp = json.loads(body) if isinstance(body, (bytes, str)) else body
+        usage = (resp.get("usage") or {}) if isinstance(resp, dict) else {}
         if not isinstance(resp, dict) or not resp.get("choices"):
-            raise ValueError("response has no choices")
+            raise Unusable("response has no choices", usage)
         choice = resp["choices"][0]
         msg = choice.get("message") or {}
         if not isinstance(msg.get("content"), str):
-            raise ValueError("response choice has no message content")
+            raise Unusable("response choice has no message content", usage)
         if choice.get("finish_reason") is None:
-            raise ValueError("response choice has no finish_reason (truncated?)")
+            raise Unusable("response choice has no finish_reason (truncated?)", usage)
         think, _ = split_reasoning(msg["content"])
-        usage = resp.get("usage") or {}
         extra = {}
         content_lp = (choice.get("logprobs") or {}).get("content")
         if content_lp is not None:
@@ -115,47 +154,49 @@ class OpenAIBackend:
             system_fingerprint=resp.get("system_fingerprint"), extra=extra)
 
     def _delay(self, attempt: int, exc: Exception | None) -> float:
-        retry_after = None
         response = getattr(exc, "response", None)
-        if response is not None:
-            h = response.headers.get("retry-after")
-            try:
-                retry_after = float(h) if h is not None else None
-            except ValueError:
-                retry_after = None
-        if retry_after is not None:
-            return min(retry_after, self.backoff_max)
+        retry_after = retry_after_seconds(response.headers) if response is not None else None
+        if retry_after is not None:  # the server knows when it will take the call: wait that long, up to a call's time
+            return min(retry_after, self.timeout)
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
 
     async def _call(self, clients, inflight, index: int, req: Request):
         import openai
 
         last = "no attempt made"
+        billed = [0, 0]  # tokens the provider charged for attempts that gave no usable answer
         for attempt in range(self.max_attempts):
             k = min(range(len(clients)), key=lambda j: inflight[j])
             inflight[k] += 1
             t0 = time.perf_counter()
             exc: Exception | None = None
             try:
-                raw = await clients[k].chat.completions.with_raw_response.create(
-                    **self._body(req), extra_body=self.extra_body or None)
+                body = self.request_body(req)
+                extra = {k: body.pop(k) for k in self.extra_body}  # the client's signature knows only its own fields
+                raw = await clients[k].chat.completions.with_raw_response.create(**body, extra_body=extra or None)
                 completion = self._parse(raw.content)
                 completion.extra["latency_s"] = time.perf_counter() - t0
                 completion.extra["attempts"] = attempt + 1
+                if billed != [0, 0]:
+                    completion.extra["billed_failures"] = tuple(billed)
                 return completion
             except openai.APIStatusError as e:
+                _add_usage(billed, getattr(e, "body", None))
                 if e.status_code in _FATAL_STATUS:
                     raise CallFailed(index, f"HTTP {e.status_code} from {urlparse(self.base_urls[k]).netloc}: "
-                                            f"{_safe_message(e)}", attempt + 1) from None
+                                            f"{_safe_message(e)}", attempt + 1, tuple(billed)) from None
                 exc, last = e, f"HTTP {e.status_code}"
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
                 exc, last = e, type(e).__name__
             except (ValueError, openai.APIResponseValidationError) as e:  # includes JSONDecodeError
-                exc, last = None, f"malformed response ({type(e).__name__})"
+                _add_usage(billed, {"usage": getattr(e, "usage", None)})
+                exc, last = None, f"malformed response ({e if isinstance(e, Unusable) else type(e).__name__})"
             finally:
                 inflight[k] -= 1
-            await asyncio.sleep(self._delay(attempt, exc))
-        raise CallFailed(index, f"gave up after {self.max_attempts} attempts; last error: {last}", self.max_attempts)
+            if attempt + 1 < self.max_attempts:  # no wait after the last attempt: nothing follows it
+                await asyncio.sleep(self._delay(attempt, exc))
+        raise CallFailed(index, f"gave up after {self.max_attempts} attempts; last error: {last}", self.max_attempts,
+                         tuple(billed))
 
     # -- the pool ---------------------------------------------------------------------------
     def generate(self, requests: list[Request], progress: Callable[[int], None] | None = None,
@@ -235,6 +276,64 @@ def _loop_factory():
 
         return uvloop.new_event_loop
     except ImportError:
+        return None
+
+
+class Unusable(ValueError):
+    """A response that is no completion; `usage` is what the provider says it billed for it anyway (maybe {})."""
+
+    def __init__(self, reason: str, usage: dict | None):
+        super().__init__(reason)
+        self.usage = usage or {}
+
+
+def _add_usage(billed: list[int], body) -> None:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if isinstance(usage, dict):
+        billed[0] += int(usage.get("prompt_tokens") or 0)
+        billed[1] += int(usage.get("completion_tokens") or 0)
+
+
+def retry_after_seconds(headers) -> float | None:
+    """How long a response asks the client to wait: `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date
+    (RFC 9110); None when it does not say, or says something unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    h = headers.get("retry-after")
+    if h is None:
+        return None
+    try:
+        return max(0.0, float(h))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(h)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _tiktoken_encoding(model: str):
+    """tiktoken's encoding of an OpenAI model, or None: another vendor's model, tiktoken not installed, or its
+    encoding file not cached and not downloadable (offline)."""
+    if not _OPENAI_MODELS.match(model):
+        return None
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    try:
+        try:
+            return tiktoken.encoding_for_model(model)
+        except KeyError:  # a model newer than the installed tiktoken: its newest encoding
+            return tiktoken.get_encoding("o200k_base")
+    except Exception:  # the encoding could not be loaded (no network, no cache): the bound does the job
         return None
 
 
