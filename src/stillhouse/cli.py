@@ -460,6 +460,7 @@ def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "
     """Calls, cache hits, tokens and cost per stage and model."""
     import json
 
+    from rich.console import Console
     from rich.table import Table
 
     from stillhouse.calls import Ledger
@@ -478,7 +479,9 @@ def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "
         t.add_row(p["stage"], p["model"], str(p["calls"]), str(p["failed"]), f"{p['prompt_tokens']:,}",
                   f"{p['completion_tokens']:,}",
                   f"{p['cost_usd'] or 0:.4f}", "-" if p["mean_latency_s"] is None else f"{p['mean_latency_s']:.3f}")
-    console.print(t)
+    # piped or captured there is no terminal to fit: the table keeps its natural width instead of rich's 80 columns
+    # (which cut the stage and model names to "genera…")
+    (console if console.is_terminal else Console(stderr=True, width=1000)).print(t)
     s = st["sessions"]
     console.print(f"{s['runs']} runs asked for {s['requested']} calls: {s['cache_hits']} cache hits, "
                   f"{s['calls_made']} made, {s['failed']} failed")
