@@ -130,8 +130,8 @@ def check_alignment(a: Alignment, min_aligned: float) -> None:
         raise StillhouseError(
             f"train.kd: the teacher's tokens line up with the student's tokenization in only {a.samples_aligned} of "
             f"{a.samples_with_logprobs} samples ({share:.0%}, below kd.min_aligned={min_aligned:.0%}; first: "
-            f"{a.first_mismatch}). Logit distillation needs the teacher's tokenizer; method: sft learns from the "
-            "text alone")
+            f"{a.first_mismatch}). The ledger's top-k needs the teacher's tokenizer; a local teacher with another "
+            "one is distilled with kd.source: teacher (aligned by characters); method: sft learns from the text alone")
 
 
 class KDCollator:
@@ -320,10 +320,11 @@ def teacher_kd_trainer_class():
     return TeacherKDTrainer
 
 
-def teacher_kd_setup(tok, encoded: list[tuple[list[int], int]], kd: dict, teacher: str, attn: str, device):
+def teacher_kd_setup(tok, encoded: list[tuple[list[int], int]], kd: dict, teacher: str, attn: str, device,
+                     rows: list[dict] | None = None):
     """For `sft`: the dataset, trainer class, its extra arguments and the counts of a `kd.source: teacher` run.
 
-    `encoded`: each kept sample's token ids and where its answer starts. A teacher whose tokenizer is the student's
+    `encoded`: each kept sample's token ids and where its answer starts; `rows`: those samples (`messages`). A teacher whose tokenizer is the student's
     is distilled over the whole vocabulary; another tokenizer goes through `stillhouse.train.align`."""
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -335,7 +336,9 @@ def teacher_kd_setup(tok, encoded: list[tuple[list[int], int]], kd: dict, teache
     if not same_vocabulary(tok, t_tok):
         from stillhouse.train.align import cross_tokenizer_setup
 
-        return cross_tokenizer_setup(tok, t_tok, encoded, kd, teacher, device)
+        if rows is None:
+            raise ValueError("a teacher with another tokenizer needs the samples' messages (rows)")
+        return cross_tokenizer_setup(tok, t_tok, encoded, rows, kd, teacher, device)
     data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * n + ids[n:]} for ids, n in encoded])
     counts = {"source": "teacher", "samples": len(encoded), "samples_aligned": len(encoded),
               "tokens_with_teacher_distribution": sum(len(ids) - n for ids, n in encoded), "vocabulary": "shared"}

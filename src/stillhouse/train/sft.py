@@ -169,7 +169,7 @@ def sft(rows: list[dict], base: str, out_dir: str | Path, *, epochs: float, lear
         from stillhouse.train.kd import teacher_kd_setup
 
         data, trainer_class, extra, kd_counts = teacher_kd_setup(
-            tok, [e for e, k in zip(encoded, keep) if k], kd, teacher, attn, "cuda" if use_cuda else "cpu")
+            tok, [e for e, k in zip(encoded, keep) if k], kd, teacher, attn, "cuda" if use_cuda else "cpu", rows=kept)
     else:
         from stillhouse.train.kd import align, check_alignment, kd_trainer_class
 
