@@ -83,6 +83,9 @@ def train_cmd(recipe: Path = RecipeArg, force: bool = ForceOpt,
                     node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     r = load_recipe(recipe)
     launch.check({s.name: r.train_for(s).batch_size for s in r.students})
+    if launch.used and any(r.train_for(s).method == "on_policy" for s in r.students):
+        raise StillhouseError("train.method on_policy trains in one process; run `stillhouse train` without "
+                              "--nproc, --launcher or --accelerate-config")
     if node_rank > 0:  # another machine's processes: rank 0's machine checks, writes and publishes the run
         follow(launch, r, open_run(r))
         return
