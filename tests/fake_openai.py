@@ -21,6 +21,18 @@ def expected_answer(messages: list[dict], seed: int) -> str:
     return f"<think>reading {len(text)} chars</think>\nAnswer: {text[::-1]} #{seed}"
 
 
+def chat_completion(req: dict, model: str = "fake-teacher") -> dict:
+    """The fake's answer to a chat request, as a response body (also a batch output line's body)."""
+    text = expected_answer(req["messages"], req.get("seed", 0))
+    key = json.dumps([req["messages"], req.get("seed")], sort_keys=True)
+    pt = sum(len(m["content"]) for m in req["messages"]) // 4 + 1
+    ct = len(text) // 4 + 1
+    return {"id": f"chatcmpl-{_h(key)}", "object": "chat.completion", "created": int(time.time()),
+            "model": model + "-2026-01-01", "system_fingerprint": "fp_fake01",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}
+
+
 def _h(s: str) -> int:
     return int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "big")
 
@@ -30,10 +42,13 @@ class FakeOpenAI:
 
     def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, max_faults_per_request: int = 2,
                  latency_s: float = 0.0, stall_s: float = 2.0, max_concurrency: int | None = None,
-                 api_key: str | None = None, reasoning_field: bool = False, model: str = "fake-teacher"):
+                 api_key: str | None = None, reasoning_field: bool = False, model: str = "fake-teacher",
+                 reasoning_model: bool = False):
         self.fault_rate, self.faults, self.max_faults = fault_rate, faults, max_faults_per_request
         self.latency_s, self.stall_s, self.api_key = latency_s, stall_s, api_key
         self.reasoning_field, self.model = reasoning_field, model
+        self.reasoning_model = reasoning_model  # answer 400 to max_tokens / temperature / top_p, as OpenAI's o-series do
+        self.bodies: list[dict] = []
         self.sem = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
         self.lock = threading.Lock()
         self.attempts: dict[str, int] = {}
@@ -105,6 +120,14 @@ class FakeOpenAI:
                         srv.sem.release()
 
             def _complete(self, req: dict) -> None:
+                with srv.lock:
+                    srv.bodies.append(req)
+                if srv.reasoning_model:
+                    bad = [k for k in ("max_tokens", "temperature", "top_p") if k in req]
+                    if bad:
+                        return self._json(400, {"error": {"message": f"Unsupported parameter: '{bad[0]}' is not "
+                                                                     "supported with this model.",
+                                                          "type": "invalid_request_error", "param": bad[0]}})
                 key = json.dumps([req["messages"], req.get("seed")], sort_keys=True)
                 with srv.lock:
                     attempt = srv.attempts.get(key, 0)
@@ -150,6 +173,8 @@ class FakeOpenAI:
                         for ch in text[:8]]}
                 if fault == "no_choices":
                     choice = None
+                if fault == "billed_empty":  # the provider spent the tokens (on reasoning, say) and billed them
+                    choice = {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "length"}
                 pt = sum(len(m["content"]) for m in req["messages"]) // 4 + 1
                 body = {"id": f"chatcmpl-{_h(key)}", "object": "chat.completion", "created": int(time.time()),
                         "model": srv.model + "-2026-01-01", "system_fingerprint": "fp_fake01",

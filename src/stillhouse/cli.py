@@ -460,7 +460,7 @@ def ledger_path(target: Path = TargetArg) -> None:
 
 @ledger_app.command("stats")
 def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Calls, cache hits, tokens and cost per stage and model."""
+    """Calls, cache hits, tokens and cost per stage, model and mode (online or batch); the batches."""
     import json
 
     from rich.console import Console
@@ -476,15 +476,27 @@ def ledger_stats(target: Path = TargetArg, as_json: bool = typer.Option(False, "
         print(json.dumps(st, indent=2))
         return
     t = Table(title=f"ledger: {st['calls']} calls, {st['failed']} failed, ${st['cost_usd']:.4f}")
-    for col in ("stage", "model", "calls", "failed", "prompt tokens", "completion tokens", "cost USD", "mean latency s"):
+    for col in ("stage", "model", "mode", "calls", "failed", "prompt tokens", "completion tokens", "cost USD",
+                "mean latency s"):
         t.add_column(col)
     for p in st["by_stage_model"]:
-        t.add_row(p["stage"], p["model"], str(p["calls"]), str(p["failed"]), f"{p['prompt_tokens']:,}",
+        t.add_row(p["stage"], p["model"], p["mode"], str(p["calls"]), str(p["failed"]), f"{p['prompt_tokens']:,}",
                   f"{p['completion_tokens']:,}",
                   f"{p['cost_usd'] or 0:.4f}", "-" if p["mean_latency_s"] is None else f"{p['mean_latency_s']:.3f}")
     # piped or captured there is no terminal to fit: the table keeps its natural width instead of rich's 80 columns
     # (which cut the stage and model names to "genera…")
     (console if console.is_terminal else Console(stderr=True, width=1000)).print(t)
+    if st["batches"]:  # batch mode: each batch, where it stands, and what became of its requests
+        b = Table(title=f"batches: {len(st['batches'])}")
+        for col in ("batch", "runner", "provider id", "round", "requests", "status", "provider status", "answered",
+                    "failed", "answered elsewhere"):
+            b.add_column(col)
+        for x in st["batches"]:
+            other = x["requests"] - (x["answered"] or 0) - (x["failed"] or 0)
+            b.add_row(x["name"], x["runner"], x["remote_id"] or "-", str(x["round"]), str(x["requests"]), x["status"],
+                      x["remote_status"] or "-", str(x["answered"] or 0), str(x["failed"] or 0),
+                      str(other) if x["status"] == "collected" else "-")
+        (console if console.is_terminal else Console(stderr=True, width=1000)).print(b)
     s = st["sessions"]
     console.print(f"{s['runs']} runs asked for {s['requested']} calls: {s['cache_hits']} cache hits, "
                   f"{s['calls_made']} made, {s['failed']} failed")

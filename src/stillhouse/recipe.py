@@ -115,7 +115,39 @@ class PromptsSpec(_Strict):
     _check_source = field_validator("source")(classmethod(lambda cls, v: _prompt_source(v)))
 
 
+class BatchSpec(_Strict):
+    """How `generation.mode: batch` makes its calls: which runner, how failures are retried, how often to look."""
+    runner: str = Field("openai", description="openai: the Files + Batches API at the teacher's base_url (any server "
+                                              "that implements it); vllm: `vllm run-batch` on this machine")
+    retry: Literal["online", "batch", "none"] = Field(
+        "online", description="requests a batch did not answer (errors, expiry): retried online, in a new batch, or "
+                              "left failed")
+    max_rounds: int = Field(3, ge=1, description="with retry: batch, the most batch rounds (the first included)")
+    max_requests: int | None = Field(None, ge=1, description="requests per batch file (default: the runner's limit; "
+                                                             "OpenAI's is 50,000)")
+    max_bytes: int | None = Field(None, ge=1024, description="bytes per batch file (default: the runner's; 200 MB)")
+    completion_window: str = Field("24h", description="the provider's completion window")
+    poll_seconds: float = Field(30.0, gt=0, description="seconds between looks at batches in progress")
+    price_factor: float = Field(0.5, gt=0, le=1, description="the batch price as a share of the online price")
+    command: list[str] = Field(default_factory=lambda: ["vllm"], min_length=1,
+                               description="the vllm runner's executable (and any leading arguments)")
+    args: list[str] = Field(default_factory=list, description="more arguments to `vllm run-batch`")
+
+    @field_validator("runner")
+    @classmethod
+    def _check_runner(cls, v: str) -> str:
+        from stillhouse.calls.batch import BATCH_RUNNERS
+
+        if v not in BATCH_RUNNERS:
+            raise ValueError(BATCH_RUNNERS.unknown(v))
+        return v
+
+
 class GenerationSpec(_Strict):
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: one request per call, answers as they come; batch: the provider's batch API "
+                              "(about half the price, results within its window; a killed run resumes its batches)")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="batch mode's settings")
     method: str = Field("responses", description="a registered generation method: responses, reasoning, rejection, "
                                                  "self_instruct, evol_instruct, or a plug-in's")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's options")
@@ -124,6 +156,12 @@ class GenerationSpec(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     samples_per_prompt: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_needs_its_mode(self):
+        if self.mode != "batch" and self.batch != BatchSpec():  # (a dump writes the defaults; only a change counts)
+            raise ValueError(f"batch settings are given but mode is {self.mode!r}: set mode: batch to use them")
+        return self
 
     @field_validator("method")
     @classmethod

@@ -44,8 +44,10 @@ class GenerateStage(Stage):
     flags = {"dry_run": "print the calls and worst-case cost; make none"}
 
     def config(self, recipe) -> dict:
+        # the mode (online or batch) says how the answers are fetched, not what they are: the same cache keys either
+        # way, so switching it redoes nothing
         return {"teacher": recipe.teacher.cache_identity(), "prompts": recipe.prompts.model_dump(),
-                "generation": recipe.generation.model_dump(), "use": recipe.use.model_dump()}
+                "generation": recipe.generation.model_dump(exclude={"mode", "batch"}), "use": recipe.use.model_dump()}
 
     def inputs(self, recipe, run: RunDir) -> dict:
         src = recipe.prompts.source
@@ -66,10 +68,15 @@ class GenerateStage(Stage):
         teacher = teacher_ref(recipe)
         method = METHODS.get(g.method)()
         opts = method_options(g.method, g.options)
+        if dry_run:  # looks only: an absent ledger is read as empty, and nothing is created
+            ledger = Ledger(run.ledger) if run.ledger.is_file() else None
+            try:
+                return self._dry_run(recipe, teacher, items, ledger)
+            finally:
+                if ledger is not None:
+                    ledger.close()
         ledger = Ledger(run.ledger)
         try:
-            if dry_run:
-                return self._dry_run(recipe, teacher, items, ledger)
             ctx = GenContext(recipe, teacher, ledger, items, run.ledger)
             result = method.run(ctx, opts)
         finally:
@@ -94,9 +101,10 @@ class GenerateStage(Stage):
         return StageResult({"generated": run.generated}, counts)
 
     @staticmethod
-    def _dry_run(recipe, teacher: ModelRef, items: list[dict], ledger: Ledger) -> None:
+    def _dry_run(recipe, teacher: ModelRef, items: list[dict], ledger: Ledger | None) -> None:
+        from stillhouse.calls.batch import worst_case
         from stillhouse.calls.call import plan
-        from stillhouse.calls.costs import estimate_prompt_tokens
+        from stillhouse.teachers import load_backend, parse_spec
 
         g = recipe.generation
         if g.method not in ("responses", "reasoning", "rejection"):
@@ -107,14 +115,25 @@ class GenerateStage(Stage):
                         top_p=g.top_p, seed=g.seed, sample_index=j) for it in items for j in range(k)]
         method = METHODS.get(g.method)
         keys = plan(teacher, reqs, tag_of(g.method, method.TEMPLATE))
-        cached = ledger.get_many(keys)
+        cached = ledger.get_many(keys) if ledger is not None else {}
         missing = [r for r, key in zip(reqs, keys) if key not in cached]
         price = teacher.priced()
-        worst = sum(price.cost(estimate_prompt_tokens(r.messages), r.max_tokens) for r in missing)
+        # the teacher's tokenizer where its backend counts with one (an API teacher's: no model is loaded)
+        counter = None
+        if parse_spec(teacher.spec)[0] == "openai":
+            counter = getattr(load_backend(teacher.spec, teacher.options), "count_prompt_tokens", None)
+        online, batch = worst_case(missing, price, g.batch.price_factor, counter)
+        n_batches = -(-len(missing) // (g.batch.max_requests or 50_000)) if missing else 0
         console.print(f"generate --dry-run: {len(reqs)} samples, {len(cached)} already in the ledger, "
-                      f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost "
-                      f"${worst:.4f} (every answer at max_tokens={g.max_tokens}; "
-                      f"price ${price.input_per_million}/${price.output_per_million} per M tokens in/out)")
+                      f"{len(missing)} calls to make to {recipe.teacher.spec}; worst-case cost (every answer at "
+                      f"max_tokens={g.max_tokens}; price ${price.input_per_million}/${price.output_per_million} per M "
+                      f"tokens in/out):", highlight=False, soft_wrap=True)
+        mark = {"online": " <- generation.mode", "batch": ""} if g.mode == "online" else \
+            {"online": "", "batch": " <- generation.mode"}
+        console.print(f"  online: ${online:.4f}{mark['online']}", highlight=False, soft_wrap=True)
+        console.print(f"  batch:  ${batch:.4f} ({g.batch.price_factor:g} x online; {n_batches} batch"
+                      f"{'es' if n_batches != 1 else ''} through the {g.batch.runner} runner){mark['batch']}",
+                      highlight=False, soft_wrap=True)
 
 
 def _rows(recipe, samples: list[Sample]) -> list[dict]:
@@ -137,6 +156,7 @@ def _rows(recipe, samples: list[Sample]) -> list[dict]:
             "reported_model": c.model, "system_fingerprint": c.system_fingerprint,
             "sampling_params": json.dumps(s.request.params(), sort_keys=True), "sample_index": s.request.sample_index,
             "generation_method": method, "prompt_template_hash": None, "ledger_key": s.key,
+            "generation_mode": s.call.mode, "batch": s.call.batch,
             "teacher_terms": recipe.teacher.terms,
             "teacher_template_known": template_known,
             "teacher_template_system_prompt": None if own_system else template_system,

@@ -76,7 +76,9 @@ class GenContext:
 
     def call(self, reqs: list[Request], tag: dict, label: str) -> CallBatch:
         """The teacher's answers to `reqs`, every one through the ledger; stops the stage if any is missing."""
-        batch = call_models(self.teacher, reqs, self.ledger, stage="generate", label=label, tag=tag)
+        g = self.recipe.generation
+        batch = call_models(self.teacher, reqs, self.ledger, stage="generate", label=label, tag=tag,
+                            batch=g.batch if g.mode == "batch" else None)
         self.stats["cache_hits"] += batch.cache_hits
         self.stats["calls_made"] += batch.made
         self.stats["call_seconds"] += batch.seconds
