@@ -1,0 +1,227 @@
+"""`stillhouse serve` on a real model beside `transformers serve` and llama.cpp's server, in one run.
+
+    .venv/bin/python benchmarks/engine_real.py [--concurrency 1,8,64] [--requests 4,16,64] [--max-tokens 128]
+        [--llamacpp-python ~/.cache/stillhouse/bench-venvs/llamacpp/bin/python] [--no-transformers] [--dtypes float32,auto]
+
+Model: SmolLM2-135M-Instruct, the real job's Q4_1 GGUF (`stillhouse serve` and `transformers serve` get it dequantized,
+as `stillhouse` converts it; llama.cpp runs the GGUF itself, 4-bit). Servers, all up at once:
+
+- `stillhouse serve` (this tree) in each of `--dtypes` (auto: bf16 where the CPU has native bf16), `--max-batch 64`;
+- `transformers serve --continuous-batching --dtype float32` on the dequantized directory;
+- llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, from llama-cpp-python installed in a
+  benchmark venv of its own: it is a C++ build, not a dependency of stillhouse), 2 threads.
+
+For each concurrency level (1, 8, 64 clients) and mode (plain and streaming), every server gets the same requests
+(the real job's prompts as one user message, greedy, `--max-tokens`), servers taking turns in rotated order. Measured:
+generated tokens/s (the answer's tokens by SmolLM2's tokenizer, plus one where it stopped at the end of sequence,
+alike for every server), time to first token (streaming: first content chunk), request latency p50/p99, and the share
+of the compute limit: SmolLM2 costs 2 x 134.5M FLOP a generated token, and the CPU's fp32 matmul rate (1024x1024, 2
+threads, best of the samples taken between levels) bounds what any fp32 server can do. Also the machine-speed factor
+and the CPU stall (PSI) while each server ran. Writes BENCHMARKS.md's engine_real section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _md import write_section  # noqa: E402
+from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, start, stop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GGUF = Path("~/.cache/stillhouse/real/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+LLAMACPP_PY = Path("~/.cache/stillhouse/bench-venvs/llamacpp/bin/python").expanduser()
+PARAMS = 134_515_008  # SmolLM2-135M, tied embeddings counted once; the output layer's matmul is in it
+FLOP_PER_TOKEN = 2 * PARAMS
+
+
+async def load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool) -> dict:
+    """Every prompt once, `concurrency` at a time: answers, finish reasons, latencies, times to first token."""
+    n = len(prompts)
+    out = {"texts": [None] * n, "finish": [None] * n, "latency": [], "ttft": [], "errors": []}
+    todo = iter(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        async def one(i: int) -> None:
+            body = {"model": model, "messages": [{"role": "user", "content": prompts[i]}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": stream}
+            t = time.perf_counter()
+            if not stream:
+                r = await client.post(url + "/v1/chat/completions", json=body)
+                if r.status_code != 200:
+                    out["errors"].append(f"{r.status_code}: {r.text[:200]}")
+                    return
+                c = r.json()["choices"][0]
+                out["texts"][i], out["finish"][i] = c["message"]["content"], c["finish_reason"]
+                out["latency"].append(time.perf_counter() - t)
+                return
+            text, finish, first = [], None, None
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    out["errors"].append(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    for c in chunk.get("choices") or []:
+                        piece = (c.get("delta") or {}).get("content")
+                        if piece:
+                            first = first or time.perf_counter()
+                            text.append(piece)
+                        finish = c.get("finish_reason") or finish
+            out["texts"][i], out["finish"][i] = "".join(text), finish
+            out["latency"].append(time.perf_counter() - t)
+            if first is not None:
+                out["ttft"].append(first - t)
+
+        async def worker() -> None:
+            for i in todo:
+                await one(i)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        out["wall"] = time.perf_counter() - t0
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--requests", default="4,16,64", help="requests sent at each concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", default="float32,auto", help="stillhouse serve's --dtype values to run")
+    ap.add_argument("--llamacpp-python", default=str(LLAMACPP_PY))
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--modes", default="plain,stream")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    levels = [int(x) for x in a.concurrency.split(",")]
+    counts = [int(x) for x in a.requests.split(",")]
+    modes = a.modes.split(",")
+    from transformers import AutoTokenizer
+
+    from stillhouse.models import resolve_model
+
+    hf_dir = resolve_model(str(GGUF))
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = [json.loads(x)["prompt"] for x in (ROOT / "src/stillhouse/real/prompts.jsonl").read_text().splitlines()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT / "src")}
+
+    servers: dict[str, tuple] = {}
+    for dt in a.dtypes.split(","):
+        port = free_port()
+        servers[f"stillhouse serve --dtype {dt}"] = (
+            [sys.executable, "-m", "stillhouse.cli", "serve", str(GGUF), "--port", str(port), "--model-name", "smollm2",
+             "--max-batch", "64", "--dtype", dt], port, "smollm2")
+    if not a.no_transformers:
+        port = free_port()
+        servers["transformers serve --continuous-batching --dtype float32"] = (
+            [str(Path(sys.executable).with_name("transformers")), "serve", hf_dir, "--continuous-batching", "--dtype",
+             "float32", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)], port, hf_dir)
+    llama_note = ""
+    if Path(a.llamacpp_python).exists():
+        port = free_port()
+        servers["llama.cpp server (llama-cpp-python, Q4_1 GGUF, 2 threads)"] = (
+            [a.llamacpp_python, "-m", "llama_cpp.server", "--model", str(GGUF), "--n_threads", "2",
+             "--n_threads_batch", "2", "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)], port, "smollm2")
+        ver = subprocess.run([a.llamacpp_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+        llama_note = f"llama-cpp-python {ver} (built from source here, in its own venv)"
+    else:
+        llama_note = f"llama.cpp's server not run: {a.llamacpp_python} does not exist"
+    print(llama_note, flush=True)
+
+    gflops_seen = [fp32_gflops()]
+    stall_start, t_start = cpu_stall_us(), time.monotonic()
+    procs, rows = {}, []
+    try:
+        for label, (cmd, port, name) in servers.items():
+            url = f"http://127.0.0.1:{port}"
+            procs[label] = start(cmd, env, url, timeout=900)
+            asyncio.run(load(url, name, prompts[:2], 2, 8, False))  # warm-up, untimed
+            print(f"up: {label}", flush=True)
+        labels = list(servers)
+        offset = 0
+        for c, n in zip(levels, counts):
+            part = prompts[offset:offset + n]
+            offset += n
+            for mode in modes:
+                rot = (levels.index(c) * len(modes) + modes.index(mode)) % len(labels)
+                for label in labels[rot:] + labels[:rot]:
+                    cmd, port, name = servers[label]
+                    s0 = cpu_stall_us()
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}", name, part, c, a.max_tokens, mode == "stream"))
+                    s1 = cpu_stall_us()
+                    gen = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (f == "stop")
+                              for t, f in zip(r["texts"], r["finish"]) if t is not None)
+                    rows.append({"server": label, "clients": c, "mode": mode, "wall": r["wall"], "gen": gen,
+                                 "texts": r["texts"], "ttft": r["ttft"], "latency": r["latency"], "errors": r["errors"],
+                                 "stall": None if s0 is None or s1 is None else (s1 - s0) / 1e6 / r["wall"]})
+                    print(f"{c} clients {mode} {label}: {gen / r['wall']:.1f} tok/s, {r['wall']:.0f} s, "
+                          f"errors {len(r['errors'])}", flush=True)
+            gflops_seen.append(fp32_gflops())
+    finally:
+        for p in procs.values():
+            stop(p)
+    wall_all = time.monotonic() - t_start
+    stall_end = cpu_stall_us()
+    gflops = max(gflops_seen)
+    limit = gflops * 1e9 / FLOP_PER_TOKEN
+    factor, speed_out = machine_speed()
+    ours = next(iter(servers))
+
+    def ref_tps(c, mode):
+        return next(r["gen"] / r["wall"] for r in rows if r["server"] == ours and r["clients"] == c and r["mode"] == mode)
+
+    cmd = "nice -n 19 .venv/bin/python benchmarks/engine_real.py " + " ".join(sys.argv[1:])
+    lines = ["## Engine on a real model: stillhouse serve, transformers serve and llama.cpp side by side", "",
+             f"Command: `{cmd}`", "",
+             f"Model: SmolLM2-135M-Instruct ({PARAMS:,} parameters), the real job's Q4_1 GGUF; {llama_note}. "
+             f"Workload: the real job's prompts as one user message, greedy, max_tokens {a.max_tokens}; at each "
+             f"level ({', '.join(f'{c} clients: {n} requests' for c, n in zip(levels, counts))}) every server got "
+             f"the same requests, plain and streamed, servers taking turns in rotated order; all servers up at once.", "",
+             f"Machine: x86_64, {os.cpu_count()} CPU cores, shared with other jobs; this run at nice 19. fp32 matmul "
+             f"best **{gflops:.0f} GFLOP/s** (samples {', '.join(f'{g:.0f}' for g in gflops_seen)}), so an fp32 "
+             f"compute limit of {gflops:.0f} GFLOP/s / {FLOP_PER_TOKEN / 1e6:.0f} MFLOP = **{limit:.0f} generated "
+             f"tokens/s**. Machine speed (`../shared/tools/machine-speed`, after the run): **{factor}** the reference "
+             f"machine. CPU stall over the whole run (PSI, all processes): "
+             f"{'?' if stall_start is None else format((stall_end - stall_start) / 1e6 / wall_all, '.0%')}.", "",
+             "| clients | mode | server | generated tokens/s | x stillhouse (first row) | of the fp32 limit | TTFT p50 s | "
+             "latency p50 s | latency p99 s | answers equal to the first row's | CPU stall |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        tps = r["gen"] / r["wall"]
+        first = next(x for x in rows if x["server"] == ours and x["clients"] == r["clients"] and x["mode"] == r["mode"])
+        same = sum(x == y for x, y in zip(r["texts"], first["texts"]) if x is not None)
+        answered = sum(t is not None for t in r["texts"])
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['server']} | {tps:.1f} | "
+                     f"{tps / ref_tps(r['clients'], r['mode']):.2f}x | {tps / limit:.1%} | "
+                     f"{'–' if not r['ttft'] else format(pct(r['ttft'], 0.5), '.2f')} | {pct(r['latency'], 0.5):.2f} | "
+                     f"{pct(r['latency'], 0.99):.2f} | {same}/{answered}"
+                     + (f" ({len(r['errors'])} failed: {r['errors'][:1]})" if r["errors"] else "")
+                     + f" | {'?' if r['stall'] is None else format(r['stall'], '.0%')} |")
+    lines += ["", "machine-speed output:", "", "```", speed_out, "```"]
+    print("\n".join(lines))
+    if not a.no_write:
+        write_section("engine_real", "\n".join(lines))
+    Path("/tmp/engine_real_rows.json").write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
