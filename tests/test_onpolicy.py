@@ -194,3 +194,34 @@ evaluate: {{n_per_family: 1, max_tokens: 8}}
     card = (run.root / "student" / "README.md").read_text()
     assert "on-policy distillation (jsd)" in card and "top-5 logprobs (echo" in card
     assert not (run.root / "student" / "_trainer").exists()
+
+
+def test_a_served_teacher_with_another_tokenizer_or_no_echo_is_refused_naming_what_differs(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from stillhouse.errors import StillhouseError
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["base"])
+    scorer = ServedScorer(ModelRef("openai:tiny", {"base_url": "http://127.0.0.1:9/v1"}), Ledger(tmp_path / "l.db"), tok)
+    ids = tok("cat")["input_ids"]
+    words = {"tokens": ["c", "at", ""], "token_logprobs": [None, -0.1, -0.2], "top_logprobs": [None, {}, {}]}
+    with pytest.raises(StillhouseError, match=r"position 1: teacher 'at', student 'a'.*needs the teacher's tokenizer"):
+        scorer._entries(ids, {"logprobs": words})
+    with pytest.raises(StillhouseError, match="did not echo"):
+        scorer._entries(ids, {"logprobs": None})
+
+
+def test_on_policy_refuses_a_teacher_that_can_neither_run_here_nor_score(tiny_models, tmp_path):
+    from stillhouse.errors import StillhouseError
+    from stillhouse.recipe import parse_recipe
+    from stillhouse.train.onpolicy import check_teacher
+
+    r = parse_recipe(f"""name: op
+run_dir: {tmp_path / 'run'}
+teacher: {{spec: "scripted:x"}}
+prompts: {{source: world, n: 8}}
+student: {{base: "{tiny_models['base']}"}}
+train: {{method: on_policy}}
+""")
+    with pytest.raises(StillhouseError, match="neither a local model .* nor a server that scores text"):
+        check_teacher(r)

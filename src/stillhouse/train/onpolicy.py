@@ -17,6 +17,7 @@ tokens and one bucket for the rest), in a subclass that replaces only the teache
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,8 +45,6 @@ class ServedScorer:
             raise StillhouseError(f"train.method on_policy: teacher.spec {ref.spec!r} is neither a local model (hf:) "
                                   "nor a server that scores text (openai: with a base_url)")
         opts = parse_options("openai", ref.options)
-        import os
-
         urls = opts.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         urls = [urls] if isinstance(urls, str) else list(urls)
         key = os.environ.get(opts.api_key_env) or "none"
