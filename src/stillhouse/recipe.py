@@ -206,6 +206,8 @@ class KDSpec(_Strict):
     chunk_tokens: int = Field(1024, ge=1, description="source teacher: answer tokens per projection tile")
     chunk_vocab: int = Field(16384, ge=1, description="source teacher: vocabulary columns per projection tile "
                                                       "(memory: chunk_tokens x chunk_vocab x 4 bytes per model)")
+    teacher_device: str | None = Field(None, description="source teacher: where the teacher runs (e.g. cuda:1); "
+                                                         "default the student's device")
 
 
 class OnPolicySpec(_Strict):

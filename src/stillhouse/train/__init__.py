@@ -188,7 +188,7 @@ def _settings(t) -> dict:
     if t.method not in ("kd", "on_policy"):
         d.pop("kd")
     elif t.kd.source == "ledger":  # (a top-k run's hash stays what it was before the teacher source existed)
-        for k in ("source", "chunk_tokens", "chunk_vocab"):
+        for k in ("source", "chunk_tokens", "chunk_vocab", "teacher_device"):
             d["kd"].pop(k)
     if t.method != "on_policy":
         d.pop("on_policy")

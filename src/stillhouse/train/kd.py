@@ -16,6 +16,7 @@ from their text alone, and a run where too few line up is refused.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -282,7 +283,7 @@ def _backbone(model):
 
 
 def load_teacher(path: str, attn: str, device) -> torch.nn.Module:
-    """The local teacher, frozen, in eval mode, on the student's device (bf16 on a GPU, fp32 elsewhere)."""
+    """The local teacher, frozen, in eval mode, on `device` (bf16 on a GPU, fp32 elsewhere)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -299,7 +300,12 @@ def teacher_kd_trainer_class():
         def __init__(self, *args, kd: dict, teacher, **kwargs):
             self.kd = kd
             super().__init__(*args, **kwargs)
-            self.teacher = teacher.to(self.args.device)
+            self.teacher = teacher.to(kd.get("teacher_device") or self.args.device)
+            # the divergence is taken where the student is: the teacher's hidden states come over each step, its
+            # output layer once (a teacher on another device keeps its body there)
+            head = self.teacher.get_output_embeddings()
+            self.teacher_head = head if head.weight.device == self.args.device else \
+                copy.deepcopy(head).to(self.args.device)
             set_chunks(kd["chunk_tokens"], kd["chunk_vocab"])
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -308,9 +314,12 @@ def teacher_kd_trainer_class():
             sel = target != -100
             h_s = _backbone(model)(**inputs, use_cache=False).last_hidden_state[:, :-1][sel]
             with torch.no_grad():  # the same (flattened) batch: the two models share the tokenizer
-                h_t = _backbone(self.teacher)(**inputs, use_cache=False).last_hidden_state[:, :-1][sel]
+                t_dev = self.teacher.device
+                t_in = {k: v.to(t_dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
+                h_t = _backbone(self.teacher)(**t_in, use_cache=False).last_hidden_state[:, :-1][sel.to(t_dev)]
+                h_t = h_t.to(h_s.device)
             m = model.base_model.model if hasattr(model, "peft_config") else model
-            total = full_kd_loss_sum(h_s, m.get_output_embeddings(), h_t, self.teacher.get_output_embeddings(),
+            total = full_kd_loss_sum(h_s, m.get_output_embeddings(), h_t, self.teacher_head,
                                      target[sel], loss=self.kd["loss"], alpha=self.kd["alpha"], beta=self.kd["beta"],
                                      chunk_vocab=self.kd["chunk_vocab"])
             n = num_items_in_batch if num_items_in_batch is not None else sel.sum()
@@ -342,4 +351,5 @@ def teacher_kd_setup(tok, encoded: list[tuple[list[int], int]], kd: dict, teache
     data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * n + ids[n:]} for ids, n in encoded])
     counts = {"source": "teacher", "samples": len(encoded), "samples_aligned": len(encoded),
               "tokens_with_teacher_distribution": sum(len(ids) - n for ids, n in encoded), "vocabulary": "shared"}
-    return data, teacher_kd_trainer_class(), {"kd": kd, "teacher": load_teacher(teacher, attn, device)}, counts
+    teacher_model = load_teacher(teacher, attn, kd.get("teacher_device") or device)
+    return data, teacher_kd_trainer_class(), {"kd": kd, "teacher": teacher_model}, counts
