@@ -31,6 +31,26 @@ from training import Others, demo_rows, machine_speed  # noqa: E402
 TRAIN = dict(epochs=1, learning_rate=1.5e-3, batch_size=8, max_length=256, seed=0)
 
 
+class SaveClock:
+    """Seconds from the end of a step that writes a checkpoint to the checkpoint being complete: the cost of each
+    checkpoint itself, which the machine's load disturbs far less than a whole run's time."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                clock.t = time.perf_counter()
+
+            def on_save(self, args, state, control, **kw):
+                clock.saves.append(time.perf_counter() - clock.t)
+
+        self.saves: list[float] = []
+        self.callback = _CB()
+
+
 def _weights(path):
     from transformers import AutoModelForCausalLM
 
@@ -61,12 +81,13 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in settings}
     others: dict[str, list[float]] = {k: [] for k in settings}
     steps = None
+    clocks: dict[str, SaveClock] = {k: SaveClock() for k in settings}
     for rep in range(args.repeats):
         for name, every in settings.items():
             out = work / f"o-{every}-{rep}"
             with Others() as o:
                 res = sft(rows, base, out, checkpoint_dir=out.with_name(out.name + "-ck"), save_steps=every,
-                          device="cpu", **TRAIN)
+                          device="cpu", callbacks=[clocks[name].callback], **TRAIN)
             times[name].append(res.seconds)
             others[name].append(o.share)
             steps = res.steps
@@ -123,7 +144,14 @@ def main() -> None:
                      f"{max(others[name]):.0%} |")
     size = sum(p.stat().st_size for p in (work / "o-10-0-ck").glob("checkpoint-*/**/*") if p.is_file())
     n_kept = len(list((work / "o-10-0-ck").glob("checkpoint-*")))
-    lines += ["", f"Each checkpoint here is {size / max(n_kept, 1) / 1e6:.1f} MB on disk (two are kept).", "",
+    saves = sorted(t for c in clocks.values() for t in c.saves)
+    step_s = baseline / steps
+    lines += ["", f"Each checkpoint here is {size / max(n_kept, 1) / 1e6:.1f} MB on disk (two are kept) and took "
+              f"{saves[len(saves) // 2] * 1000:.0f} ms to write (median of {len(saves)}; fastest "
+              f"{saves[0] * 1000:.0f} ms), against {step_s * 1000:.0f} ms a training step (the best run without "
+              f"checkpoints): every 100 steps costs {saves[len(saves) // 2] / (100 * step_s):.1%} of the training "
+              "time, every 10 steps ten times that. The whole-run times above move more than that with the "
+              "machine's load.", "",
               f"**Kill and resume.** `stillhouse train` (save_steps 20) was killed with SIGKILL {killed_after:.1f} s "
               f"after it started, as soon as checkpoint-{args.kill_after} was complete (complete checkpoints left: "
               f"{', '.join(left)}); the same command again resumed from step {counts.get('resumed_from_step')} and "
