@@ -171,3 +171,21 @@ def test_the_demo_recipe_has_the_teacher_judge():
     from stillhouse.demo import DEMO_RECIPE
 
     assert load_recipe(DEMO_RECIPE).evaluate.judge.spec == "teacher"
+
+
+def test_a_pair_with_no_readable_verdict_is_left_out_not_scored_as_a_tie():
+    """A judge that never answers in the format must not read as parity with the teacher: pairs where neither order
+    gave a verdict are counted apart and the rates rest on the others (none left: no rates)."""
+    from stillhouse.evaluate.judge import pair_summary
+    from stillhouse.evaluate.metrics import Bootstrap
+
+    boot = Bootstrap(["f"] * 4, resamples=50)
+    chars = ([3] * 4, [3] * 4)
+    silent = pair_summary("s", {i: PairJudgement(None, None) for i in range(4)}, boot, 4, chars)
+    assert silent["items"] == 0 and silent["no_verdict"] == 4
+    assert silent["win"] is None and silent["tie"] is None and silent["loss"] is None
+    mixed = {0: PairJudgement("A", "B"), 1: PairJudgement(None, None), 2: PairJudgement("B", None),
+             3: PairJudgement(None, None)}
+    s = pair_summary("s", mixed, boot, 4, chars)
+    assert s["items"] == 2 and s["no_verdict"] == 2
+    assert (s["win"], s["tie"], s["loss"]) == (0.5, 0.5, 0.0)  # one agreed win; one order unreadable: a tie

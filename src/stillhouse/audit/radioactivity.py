@@ -408,14 +408,15 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
 
     def z_of(k: dict) -> tuple[float, float]:
         proc = GreenLists(k, vocab).processor
-        mask = torch.zeros_like(means)
-        for r, c in enumerate(contexts):
-            gl = proc._get_greenlist_ids(torch.tensor(c, dtype=torch.long))
-            mask[r, gl] = 1.0
-        mass = (means * mask).sum(-1)
-        var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
-        z = float((mass - size / vocab).sum() / math.sqrt(float(var.sum()) or 1e-30))
+        # each row's mass on its own list, gathered (a dense [contexts, vocab] mask per key was 240 MB at 49K tokens)
+        mass = torch.stack([means[r, proc._get_greenlist_ids(torch.tensor(c, dtype=torch.long))].sum()
+                            for r, c in enumerate(contexts)])
+        z = float((mass - size / vocab).sum() / sd)
         return z, float(mass.sum())
+
+    # the sum's standard deviation under a random key: the same for every key
+    var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
+    sd = math.sqrt(float(var.sum())) or 1e-30
 
     z, observed = z_of(key)  # the green mass summed over contexts: the bound's statistic
     mass = observed / len(contexts)

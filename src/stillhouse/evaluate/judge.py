@@ -119,11 +119,14 @@ def judge_pairs(judge: ModelRef, pairs: list[tuple[str, str | None, str | None]]
 def pair_summary(model: str, judged: dict[int, PairJudgement], boot: Bootstrap, n_items: int,
                  chars: tuple[list[int], list[int]]) -> dict:
     """Win / tie / loss of `model` against the teacher with intervals (resampling items), its swap consistency, the
-    relative score and the mean length of the answers the judge was shown (`chars`: the model's, the teacher's)."""
-    pos = sorted(judged)
+    relative score and the mean length of the answers the judge was shown (`chars`: the model's, the teacher's).
+
+    A pair on which neither order gave a readable verdict is no judgement at all: it is counted (`no_verdict`) and
+    left out, not scored as a tie (a judge that never answered in the format would otherwise read as parity)."""
+    pos = sorted(p for p, j in judged.items() if j.model_first is not None or j.teacher_first is not None)
     mask = np.zeros(n_items)
     mask[pos] = 1
-    out: dict = {"model": model, "against": "teacher", "items": len(pos)}
+    out: dict = {"model": model, "against": "teacher", "items": len(pos), "no_verdict": len(judged) - len(pos)}
     for o in OUTCOMES:
         x = np.zeros(n_items)
         x[[p for p in pos if judged[p].outcome == o]] = 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -128,14 +130,23 @@ def subprocess_server(model_dir: str, *args: str, startup_timeout: float = 180) 
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    # the server's stderr goes to a file, not a pipe: a pipe nobody reads fills (64 KB of warnings over a long run)
+    # and then blocks the server mid-request
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "serve", model_dir, "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
+    # SIGTERM to this process (a scheduler's stop, `kill`) unwinds through the finally below, as Ctrl-C does, so the
+    # server is stopped rather than left running on its port
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                err = (proc.stderr.read() or "").strip().splitlines()
+                log.seek(0)
+                err = log.read().strip().splitlines()
                 raise StillhouseError(f"the server for {model_dir} exited at start-up: {err[-1] if err else proc.returncode}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
@@ -154,3 +165,10 @@ def subprocess_server(model_dir: str, *args: str, startup_timeout: float = 180) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
