@@ -36,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import write_section  # noqa: E402
-from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, start, stop  # noqa: E402
+from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = Path("~/.cache/stillhouse/real/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
@@ -93,6 +93,29 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, max_t
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         out["wall"] = time.perf_counter() - t0
     return out
+
+
+def start(cmd: list[str], env: dict, url: str, timeout: float) -> subprocess.Popen:
+    """Start a server and wait until /v1/models answers (llama.cpp's server has no /health). Its output goes to a
+    file: llama.cpp logs enough at start-up to fill a pipe nobody reads, and then blocks."""
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"server {cmd[:3]} exited at start-up: {log.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"server {cmd[:3]} did not start within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def pct(xs: list[float], q: float) -> float:
