@@ -225,3 +225,23 @@ train: {{method: on_policy}}
 """)
     with pytest.raises(StillhouseError, match="neither a local model .* nor a server that scores text"):
         check_teacher(r)
+
+
+def test_on_policy_under_a_launcher_is_refused_before_training(tiny_models, tmp_path):
+    from stillhouse.errors import StillhouseError
+    from stillhouse.recipe import parse_recipe
+    from stillhouse.stages import open_run
+    from stillhouse.train import TrainStage
+    from stillhouse.train.launch import Launch
+
+    r = parse_recipe(f"""name: op
+run_dir: {tmp_path / 'run'}
+teacher: {{spec: "hf:{tiny_models['teacher']}"}}
+prompts: {{source: world, n: 8}}
+student: {{base: "{tiny_models['base']}"}}
+train: {{method: on_policy}}
+""")
+    stage = TrainStage()
+    stage.launch = Launch(nproc=2)
+    with pytest.raises(StillhouseError, match="on_policy trains in one process"):
+        stage.check(r, open_run(r))

@@ -32,9 +32,12 @@ class TrainStage(Stage):
         if any(_needs_local_teacher(recipe.train_for(s)) for s in recipe.students):
             local_teacher(recipe)
         if any(recipe.train_for(s).method == "on_policy" for s in recipe.students):
+            from stillhouse.errors import StillhouseError
             from stillhouse.train.onpolicy import check_teacher
 
             check_teacher(recipe)
+            if self.launch is not None and self.launch.used:
+                raise StillhouseError("train.method on_policy trains in one process: run it without --nproc/--launcher")
         require_columns(run.curated, ("messages",))
         if _distils(recipe):  # read once here, refused before the stage begins, used by execute
             self._kd_logprobs = _teacher_logprobs(run, check=True)
