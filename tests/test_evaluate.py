@@ -323,9 +323,11 @@ evaluate: {{benchmark: {_bench(tmp_path)}, max_tokens: 4, bootstrap_resamples: 1
     assert by["student"]["train_seconds"] == 12.5 and by["base"]["train_seconds"] is None
     assert by["student"]["parameters"] > 0
     j = res["judge"]
-    # the scripted teacher answers a judge prompt like any other (reversed), so no verdict can be read: all ties
+    # the scripted teacher answers a judge prompt like any other (reversed), so no verdict can be read: no pair is
+    # judged (counted as no_verdict), and no rate is made up from them
     assert j["spec"] == "scripted:t" and j["same_as_teacher"] and j["swap_consistency"] == 0.0 and not j["trustworthy"]
-    assert [p["model"] for p in j["pairs"]] == ["base", "student"] and all(p["tie"] == 1.0 for p in j["pairs"])
+    assert [p["model"] for p in j["pairs"]] == ["base", "student"]
+    assert all(p["items"] == 0 and p["no_verdict"] > 0 and p["tie"] is None for p in j["pairs"])
     rows = [json.loads(x) for x in run.samples.read_text().splitlines()]
     assert rows[0]["judge_student"]["outcome"] == "tie" and rows[0]["judge_student"]["model_first"] is None
     manifest = run.manifest("evaluate")
