@@ -172,7 +172,12 @@ def relative_quality(rows: list[dict]) -> Chart:
             handles.append(Patch(facecolor=_lighten(MUTED, 0.65), edgecolor=MUTED, hatch="////", label=label))
         else:
             handles.append(Patch(facecolor="white", edgecolor=MUTED, linewidth=1.4, label=label))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.9 + len(rows) * (0.22 + 0.3 * k))),
+    # the legend's top a fixed 36 points below the axes (under the tick labels and the x label), whatever the
+    # figure's height: a fraction of the axes put it on the x label when the chart had few bars
+    from matplotlib.transforms import offset_copy
+
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+              bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-36, units="points"),
               ncol=len(handles), fontsize=9, handlelength=2.2)
     fig.tight_layout()
     return _done(fig)
