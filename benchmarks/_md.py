@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -17,3 +19,9 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def command_line(script: str) -> str:
+    """The command as this process runs it, for a section's "Command:" line: `nice -n N` only when it runs niced."""
+    niceness = os.nice(0)
+    return (f"nice -n {niceness} " if niceness > 0 else "") + f".venv/bin/python {script} " + " ".join(sys.argv[1:])

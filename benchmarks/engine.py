@@ -145,14 +145,18 @@ def before_tree(commit: str) -> Path:
     return dest / "src"
 
 
-def start(cmd: list[str], env: dict, url: str, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(cmd: list[str], env: dict, url: str, timeout: float = 300, ready: str = "/health") -> subprocess.Popen:
+    """Start a server and wait until `ready` answers 200 (llama.cpp's server has no /health: `/v1/models`). Its
+    output goes to a file: a server that logs enough at start-up fills a pipe nobody reads, and then blocks."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"server {cmd[:3]} exited at start-up: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"server {cmd[:3]} exited at start-up: {log.read()[-2000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + ready, timeout=5).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass

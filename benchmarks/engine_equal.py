@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _md import write_section  # noqa: E402
+from _md import command_line, write_section  # noqa: E402
 from engine import cpu_stall_us, machine_speed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ def main() -> None:
     stall1 = cpu_stall_us()
     stall = f"{(stall1 - stall0) / 1e6 / wall_all:.0%}" if stall0 is not None and stall1 is not None else "unknown"
     factor, speed_out = machine_speed()
-    cmd = "nice -n 19 .venv/bin/python benchmarks/engine_equal.py " + " ".join(sys.argv[1:])
+    cmd = command_line("benchmarks/engine_equal.py")
     lines = ["## Engine: greedy answers equal to transformers' on a real model", "",
              f"Command: `{cmd}`", "",
              f"Model: SmolLM2-135M-Instruct (the real job's Q4_1 GGUF, dequantized; 49,152-token vocabulary, 9 query "
@@ -250,7 +250,7 @@ def main() -> None:
              *bf, "",
              f"Machine speed (`../shared/tools/machine-speed`, after the run): **{factor}** the reference machine. "
              f"CPU stall during the run (PSI `/proc/pressure/cpu`, all processes): {stall}; the run took "
-             f"{wall_all:.0f} s at nice 19 on a machine shared with other jobs.", "",
+             f"{wall_all:.0f} s at niceness {os.nice(0)}.", "",
              "```", speed_out, "```"]
     print("\n".join(lines))
     if not a.no_write:

@@ -35,8 +35,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _md import write_section  # noqa: E402
-from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, stop  # noqa: E402
+from _md import command_line, write_section  # noqa: E402
+from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, start, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = Path("~/.cache/stillhouse/real/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
@@ -93,29 +93,6 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, max_t
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         out["wall"] = time.perf_counter() - t0
     return out
-
-
-def start(cmd: list[str], env: dict, url: str, timeout: float) -> subprocess.Popen:
-    """Start a server and wait until /v1/models answers (llama.cpp's server has no /health). Its output goes to a
-    file: llama.cpp logs enough at start-up to fill a pipe nobody reads, and then blocks."""
-    import tempfile
-
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"server {cmd[:3]} exited at start-up: {log.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server {cmd[:3]} did not start within {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -176,7 +153,7 @@ def main() -> None:
     try:
         for label, (cmd, port, name) in servers.items():
             url = f"http://127.0.0.1:{port}"
-            procs[label] = start(cmd, env, url, timeout=900)
+            procs[label] = start(cmd, env, url, timeout=900, ready="/v1/models")
             asyncio.run(load(url, name, prompts[:2], 2, 8, False))  # warm-up, untimed
             print(f"up: {label}", flush=True)
         labels = list(servers)
@@ -212,14 +189,14 @@ def main() -> None:
     def ref_tps(c, mode):
         return next(r["gen"] / r["wall"] for r in rows if r["server"] == ours and r["clients"] == c and r["mode"] == mode)
 
-    cmd = "nice -n 19 .venv/bin/python benchmarks/engine_real.py " + " ".join(sys.argv[1:])
+    cmd = command_line("benchmarks/engine_real.py")
     lines = ["## Engine on a real model: stillhouse serve, transformers serve and llama.cpp side by side", "",
              f"Command: `{cmd}`", "",
              f"Model: SmolLM2-135M-Instruct ({PARAMS:,} parameters), the real job's Q4_1 GGUF; {llama_note}. "
              f"Workload: the real job's prompts as one user message, greedy, max_tokens {a.max_tokens}; at each "
              f"level ({', '.join(f'{c} clients: {n} requests' for c, n in zip(levels, counts))}) every server got "
              f"the same requests, plain and streamed, servers taking turns in rotated order; all servers up at once.", "",
-             f"Machine: x86_64, {os.cpu_count()} CPU cores, shared with other jobs; this run at nice 19. fp32 matmul "
+             f"Machine: x86_64, {os.cpu_count()} CPU cores, this run at niceness {os.nice(0)}. fp32 matmul "
              f"best **{gflops:.0f} GFLOP/s** (samples {', '.join(f'{g:.0f}' for g in gflops_seen)}), so an fp32 "
              f"compute limit of {gflops:.0f} GFLOP/s / {FLOP_PER_TOKEN / 1e6:.0f} MFLOP = **{limit:.0f} generated "
              f"tokens/s**. Machine speed (`../shared/tools/machine-speed`, after the run): **{factor}** the reference "
