@@ -211,36 +211,35 @@ def test_a_served_teacher_with_another_tokenizer_or_no_echo_is_refused_naming_wh
         scorer._entries(ids, {"logprobs": None})
 
 
-def test_on_policy_refuses_a_teacher_that_can_neither_run_here_nor_score(tiny_models, tmp_path):
-    from stillhouse.errors import StillhouseError
+def _on_policy_recipe(tmp_path, teacher: str, base):
+    """A minimal on_policy recipe with this teacher spec, for the refusals."""
     from stillhouse.recipe import parse_recipe
-    from stillhouse.train.onpolicy import check_teacher
 
-    r = parse_recipe(f"""name: op
+    return parse_recipe(f"""name: op
 run_dir: {tmp_path / 'run'}
-teacher: {{spec: "scripted:x"}}
+teacher: {{spec: "{teacher}"}}
 prompts: {{source: world, n: 8}}
-student: {{base: "{tiny_models['base']}"}}
+student: {{base: "{base}"}}
 train: {{method: on_policy}}
 """)
+
+
+def test_on_policy_refuses_a_teacher_that_can_neither_run_here_nor_score(tiny_models, tmp_path):
+    from stillhouse.errors import StillhouseError
+    from stillhouse.train.onpolicy import check_teacher
+
+    r = _on_policy_recipe(tmp_path, "scripted:x", tiny_models["base"])
     with pytest.raises(StillhouseError, match="neither a local model .* nor a server that scores text"):
         check_teacher(r)
 
 
 def test_on_policy_under_a_launcher_is_refused_before_training(tiny_models, tmp_path):
     from stillhouse.errors import StillhouseError
-    from stillhouse.recipe import parse_recipe
     from stillhouse.stages import open_run
     from stillhouse.train import TrainStage
     from stillhouse.train.launch import Launch
 
-    r = parse_recipe(f"""name: op
-run_dir: {tmp_path / 'run'}
-teacher: {{spec: "hf:{tiny_models['teacher']}"}}
-prompts: {{source: world, n: 8}}
-student: {{base: "{tiny_models['base']}"}}
-train: {{method: on_policy}}
-""")
+    r = _on_policy_recipe(tmp_path, f"hf:{tiny_models['teacher']}", tiny_models["base"])
     stage = TrainStage()
     stage.launch = Launch(nproc=2)
     with pytest.raises(StillhouseError, match="on_policy trains in one process"):
