@@ -168,11 +168,11 @@ def test_a_watermarked_engines_logprobs_are_the_raw_models(tiny_models, tmp_path
 def test_cached_green_lists_bias_exactly_as_transformers_watermark_processor():
     from transformers import WatermarkingConfig
 
-    from stillhouse.serve.engine import _GreenLists
+    from stillhouse.watermark import GreenListCache
 
     proc = WatermarkingConfig(greenlist_ratio=0.25, bias=2.0, hashing_key=123, seeding_scheme="lefthash",
                               context_width=1).construct_processor(102, "cpu")
-    fast = _GreenLists(proc)
+    fast = GreenListCache(proc)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # later rounds hit the cache
         hist = torch.randint(0, 20, (16, 1), generator=g)
@@ -209,13 +209,13 @@ def _byte_tokenizer():
 
 
 def test_incremental_text_holds_back_characters_split_across_tokens():
-    from stillhouse.serve.engine import _IncrementalText
+    from stillhouse.serve.detok import IncrementalText
 
     tok = _byte_tokenizer()
     text = "héllo ✓ 日本語 🙂!"
     ids = tok(text)["input_ids"]
     assert len(ids) > len(text)  # the multi-byte characters really are split
-    inc, pieces = _IncrementalText(), []
+    inc, pieces = IncrementalText(), []
     for n in range(1, len(ids)):
         pieces.append(inc.add(tok, ids[:n]))
     pieces.append(inc.finish(tok, ids))
@@ -223,7 +223,7 @@ def test_incremental_text_holds_back_characters_split_across_tokens():
     assert not any("\ufffd" in p for p in pieces)
     # a byte sequence that never completes is still given out at the end, as the full decode has it
     bad = ids[:3] + tok("é")["input_ids"][:1]
-    inc = _IncrementalText()
+    inc = IncrementalText()
     for n in range(1, len(bad)):
         inc.add(tok, bad[:n])
     inc.finish(tok, bad)

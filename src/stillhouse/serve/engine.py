@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 
 from stillhouse.serve.batches import _CohortBatch, _SlotBatch
+from stillhouse.serve.detok import IncrementalText
+from stillhouse.watermark import GreenListCache
 
 
 @dataclass
@@ -106,7 +108,7 @@ class _Seq:
                     if req.seed is not None else None)
         # a streamed piece must not be the start of a stop string that later completes
         self.holdback = max((len(s) for s in req.stop), default=1) - 1
-        self.detok = _IncrementalText() if req.stop or req.on_text else None
+        self.detok = IncrementalText() if req.stop or req.on_text else None
         self.processed = bool(req.frequency_penalty or req.presence_penalty or req.repetition_penalty != 1
                               or req.logit_bias)
         self.counts: torch.Tensor | None = None  # per vocabulary id: times generated (penalties only)
@@ -117,87 +119,6 @@ class _Seq:
     def _done(self, fut: Future) -> None:
         if fut.cancelled():
             self.abandoned = True
-
-
-class _IncrementalText:
-    """A growing token sequence's text, decoding only a few recent ids per new token.
-
-    Decoding the whole sequence at every token is quadratic in its length. As text-generation-
-    inference and vLLM do, this decodes the ids from `prefix` on twice (without and with the new
-    ones) and keeps the difference: starting a little before the new ids lets tokenizers that
-    treat a sequence's first token specially (SentencePiece's leading space) decode it as they
-    would in context. A trailing U+FFFD means a character whose bytes are split across tokens:
-    it waits for the rest (or for `finish`, which takes whatever is left).
-    """
-
-    def __init__(self):
-        self.prefix = self.read = 0
-        self.text = ""
-
-    def add(self, tokenizer, ids: list[int]) -> str:
-        """The text that `ids` (the full sequence so far) adds; empty while a character is incomplete."""
-        before = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
-        now = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(ids)
-        self.text += now[len(before):]
-        return now[len(before):]
-
-    def finish(self, tokenizer, ids: list[int]) -> str:
-        """Whatever text is still held back, at the end of the sequence."""
-        before = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
-        now = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        self.prefix = self.read = len(ids)
-        tail = now[len(before):] if now.startswith(before) else ""
-        self.text += tail
-        return tail
-
-
-class _GreenLists:
-    """transformers' KGW watermark processor, with each context's green list computed once.
-
-    The processor draws a seeded permutation of the vocabulary for every row at every step;
-    on a batch of hundreds of rows that Python loop cost a quarter of the decode time. With
-    the `lefthash` scheme a green list depends only on the preceding token(s), so lists are
-    kept (least recently used dropped past `CACHE_ENTRIES` ids in all) and the bias is added to
-    the whole batch in one scatter. The lists come from the processor's own method, so the
-    output is the processor's exactly; other schemes go through the processor unchanged.
-    """
-
-    CACHE_ENTRIES = 1 << 25  # ids kept in all (256 MiB of int64), however large the vocabulary
-
-    def __init__(self, processor):
-        from collections import OrderedDict
-
-        self.processor = processor
-        self.context_width = processor.context_width
-        self.max_cached = max(16, self.CACHE_ENTRIES // max(1, processor.greenlist_size))
-        self._lists: OrderedDict = OrderedDict()
-
-    def bias(self, histories: list[list[int]], scores: torch.Tensor, pad_id: int) -> torch.Tensor:
-        """`scores` (one row per history) with each row's green list biased, each row seeded by the last
-        `context_width` tokens of its history (left-padded with `pad_id` where it is shorter)."""
-        cw = self.context_width
-        hist = [h[-cw:] for h in histories]
-        return self(torch.tensor([[pad_id] * (cw - len(h)) + h for h in hist], device=scores.device), scores)
-
-    def __call__(self, hist: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        p = self.processor
-        if p.seeding_scheme != "lefthash":
-            return p(hist, scores)
-        rows = []
-        for key, row in zip(hist[:, -1].tolist(), hist):  # lefthash seeds from the last token alone
-            ids = self._lists.get(key)
-            if ids is None:
-                ids = self._lists[key] = p._get_greenlist_ids(row)
-                if len(self._lists) > self.max_cached:
-                    self._lists.popitem(last=False)
-            else:
-                self._lists.move_to_end(key)
-            rows.append(ids)
-        idx = torch.stack(rows)
-        return scores.scatter_add(1, idx, torch.full(idx.shape, p.bias, dtype=scores.dtype, device=scores.device))
 
 
 class Engine:
@@ -350,7 +271,7 @@ class Engine:
         # Built here, not in __init__: the processor's set-up is the process's first multi-threaded torch op, and
         # CPU decoding ran ~20% slower when that op came from another thread than the one that decodes.
         if self.watermark is not None:
-            self._wm = _GreenLists(self.watermark.construct_processor(self.model.config.get_text_config().vocab_size,
+            self._wm = GreenListCache(self.watermark.construct_processor(self.model.config.get_text_config().vocab_size,
                                                                       self.device))
         batch = self._batch = self._new_batch()
         stopping = False
