@@ -15,10 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import before_tree, cpu_stall_us  # noqa: E402
+from engine import before_tree, cpu_stall_us, machine_speed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = r"""
@@ -55,7 +56,7 @@ def main() -> None:
     trees = {"before": before_tree(a.before), "after": ROOT / "src"}
     walls = {k: 0.0 for k in trees}
     toks: dict = {}
-    stall0 = cpu_stall_us()
+    stall0, t0 = cpu_stall_us(), time.time()
     for r in range(a.rounds):
         for label in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
             out = subprocess.run([sys.executable, "-c", RUN, json.dumps(cfg)], env={**env, "PYTHONPATH": str(trees[label])},
@@ -72,7 +73,10 @@ def main() -> None:
     tps = {k: a.rounds * sum(map(len, toks[k])) / w for k, w in walls.items()}
     print(f"before ({a.before}): {tps['before']:.1f} tok/s; after: {tps['after']:.1f} tok/s; "
           f"after/before {tps['after'] / tps['before']:.2f}x; answers equal {same}/{len(toks['after'])}; "
-          f"{n_tok} tokens a run; stall {'?' if stall0 is None else (stall1 - stall0) / 1e6:.0f} s")
+          f"{n_tok} tokens a run")
+    # the load it ran under (PSI: microseconds some task waited for a CPU, all processes) and the machine's speed
+    stall = "?" if stall0 is None or stall1 is None else f"{(stall1 - stall0) / 1e4 / (time.time() - t0):.0f}%"
+    print(f"CPU stall during the run {stall} (PSI); machine speed {machine_speed()[0]} the reference machine")
 
 
 if __name__ == "__main__":

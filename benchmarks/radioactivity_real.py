@@ -293,7 +293,6 @@ def main() -> None:
             timed(f"probes-{label}", t0)
         answers[label] = jsonl(f)
 
-    vocab = 49152
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(teacher).vocab_size
