@@ -111,6 +111,11 @@ def main() -> None:
                for q in rows[:args.prompts]]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
     variants = ["fp32", "bf16", "torchao-int8-fp32", "torchao-int8-bf16", "int8pack-all", "int8pack-head"]
+    try:
+        import torchao  # noqa: F401  (not a dependency of stillhouse: `.venv/bin/pip install --no-deps torchao`)
+    except ImportError:
+        print("torchao is not installed: its rows are left out", flush=True)
+        variants = [v for v in variants if not v.startswith("torchao")]
     if args.compile:
         variants.append("bf16-compiled")
     stall0, t_start = cpu_stall_us(), time.time()
