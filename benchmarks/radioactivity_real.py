@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -140,12 +139,6 @@ def whitebox_means(model: str, texts: list[dict], cuts: list[int]):
     return out
 
 
-def whitebox_sd(means, gamma_k: int, vocab: int) -> float:
-    """The standard deviation of the summed green mass under a random key (the same for every key)."""
-    var = gamma_k * (vocab - gamma_k) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
-    return math.sqrt(float(var.sum())) or 1e-30
-
-
 _SHARED: dict = {}
 
 
@@ -195,7 +188,7 @@ def main() -> None:
     import torch
     from scipy.stats import binom, kstest, norm
 
-    from stillhouse.audit.radioactivity import GreenLists, chernoff_p, count_green
+    from stillhouse.audit.radioactivity import GreenLists, chernoff_p, count_green, whitebox_sd
     from stillhouse.models import resolve_model
     from stillhouse.real import STUDENT_LAYERS, fetch_teacher
     from stillhouse.train.prune import prune_layers

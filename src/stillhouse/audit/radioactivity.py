@@ -360,7 +360,6 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     p-value is `chernoff_p`'s bound, valid at any number of contexts; the same statistic under `null_keys` random
     keys gives an empirical (permutation) null beside it, whose resolution is 1/(null_keys + 1).
     """
-    import math
 
     import torch
     from scipy.stats import norm
@@ -414,9 +413,7 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
         z = float((mass - size / vocab).sum() / sd)
         return z, float(mass.sum())
 
-    # the sum's standard deviation under a random key: the same for every key
-    var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
-    sd = math.sqrt(float(var.sum())) or 1e-30
+    sd = whitebox_sd(means, size, vocab)
 
     z, observed = z_of(key)  # the green mass summed over contexts: the bound's statistic
     mass = observed / len(contexts)
@@ -426,6 +423,15 @@ def whitebox(suspect_dir: str, key: dict, tokenizer_dir: str, prompts: list[str]
     return WhiteboxResult(contexts=len(contexts), green_mass=mass, expected=size / vocab, z=z,
                           p_value=chernoff_p(means, size / vocab, observed), p_normal=float(norm.sf(z)),
                           null_keys=len(nulls), null_z=nulls, empirical_p=emp)
+
+
+def whitebox_sd(means, size: int, vocab: int) -> float:
+    """The standard deviation of the green mass summed over the rows of `means` (one averaged next-token distribution
+    per context) under a random key whose lists hold `size` of the `vocab` tokens: the same for every key."""
+    import math
+
+    var = size * (vocab - size) / (vocab * (vocab - 1)) * ((means - 1.0 / vocab) ** 2).sum(-1)
+    return math.sqrt(float(var.sum())) or 1e-30
 
 
 def chernoff_p(means, gamma: float, observed: float, top: int = 256) -> float:
