@@ -457,3 +457,64 @@ def test_a_49k_vocabulary_with_grouped_heads_and_tied_embeddings_matches_generat
         assert e.largest_batch > 6
     finally:
         e.close()
+
+
+def test_int8_layers_compute_with_their_dequantized_weights():
+    """`Int8Linear` is x @ (q * scale).T in bf16, its rounding error at most half a step per weight, and a model's
+    every linear layer (the tied output layer too) is replaced while the embeddings keep their dtype."""
+    from stillhouse.models.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    q = Int8Linear(lin)
+    w = lin.weight.detach()
+    assert q.qweight.dtype == torch.int8 and q.scale.shape == (40,)
+    assert ((q.dequantized() - w).abs() <= q.scale.float()[:, None] * 0.501).all()
+    x = torch.randn(3, 5, 96)
+    want = x.bfloat16().float() @ q.dequantized().T + lin.bias.detach().bfloat16().float()
+    got = q(x.bfloat16()).float()
+    assert got.shape == (3, 5, 40)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got - x @ w.T - lin.bias.detach()).abs().max() > 0  # it is not the float32 layer
+
+
+def test_an_int8_engine_answers_as_its_own_model_does(tmp_path):
+    """`quantize="int8"`: the engine's greedy answers alone equal `generate` on the same quantized model; batched
+    (left-padded, rows leaving), an answer may leave that one only at a near-tie, as in bf16, whose logits it
+    computes in; its logits stay as near float32's as bf16's do; the fingerprint says int8; float32 with int8 is refused."""
+    from stillhouse.errors import StillhouseError
+    from stillhouse.models import load_local_lm
+    from stillhouse.models.quantize import Int8Linear
+
+    root = _real_shaped_llama(tmp_path / "m")
+    e = Engine(str(root), max_batch=8, window_ms=5, quantize="int8")
+    try:
+        assert e.fingerprint.endswith("-int8") and e.model.dtype == torch.bfloat16
+        assert isinstance(e.model.lm_head, Int8Linear) and e.model.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert not any(type(m) is torch.nn.Linear for m in e.model.modules())
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (4, 30, 11, 57, 7)]
+        budgets = [12, 5, 16, 9, 14]
+        want = [_alone(e, p, n) for p, n in zip(prompts, budgets)]
+        assert [e.submit(GenRequest(p, n, temperature=0.0)).result(timeout=60).token_ids
+                for p, n in zip(prompts[:2], budgets[:2])] == want[:2]
+        futs = [e.submit(GenRequest(p, n, temperature=0.0)) for p, n in zip(prompts, budgets)]
+        got = [f.result(timeout=60).token_ids for f in futs]
+        assert sum(g == w for g, w in zip(got, want)) >= 3
+        for p, g, w in zip(prompts, got, want):
+            j = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), None)
+            if j is not None:  # where they part, the two best tokens are within bf16's rounding of each other
+                with torch.inference_mode():
+                    top = e.model(torch.tensor([p + w[:j]])).logits[0, -1].float().topk(2).values
+                assert top[0] - top[1] <= 0.125, (j, top)
+        # against float32, int8 weights cost the logits about what bf16 does (within 3x; measured 2x here)
+        x = torch.tensor([prompts[1]])
+        with torch.inference_mode():
+            ref, int8 = load_local_lm(str(root), "cpu", "float32", log=print)[1](x).logits, e.model(x).logits.float()
+            bf16 = load_local_lm(str(root), "cpu", "bfloat16", log=print)[1](x).logits.float()
+        assert (int8 - ref).norm() < 3 * (bf16 - ref).norm()
+        assert (int8 - ref).norm() < 0.1 * ref.norm()
+    finally:
+        e.close()
+    with pytest.raises(StillhouseError, match="cannot be combined with --dtype float32"):
+        Engine(str(root), dtype="float32", quantize="int8")

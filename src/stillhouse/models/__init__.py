@@ -156,26 +156,52 @@ def compute_dtype(device: str, requested: str = "auto") -> tuple[str, str]:
     return "float32", f"no bf16 rule for device {device!r}"
 
 
-def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[str], None] | None = None):
+def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[str], None] | None = None,
+                  quantize: str = "none"):
     """(tokenizer with a pad token, causal LM in eval mode on `device`, weights fingerprint or None) for a local
     model directory, a GGUF file, `stillhouse:NAME`, or a hub name where reachable; the compute dtype fits the
-    hardware (`compute_dtype`), and the choice is logged."""
+    hardware (`compute_dtype`), and the choice is logged. `quantize="int8"` stores every linear layer's weight as
+    int8 (`stillhouse.models.quantize`) and computes in bfloat16; the fingerprint says so."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name, why = quantized_dtype(device, dtype, quantize)
     src = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(src)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    name, why = compute_dtype(device, dtype)
-    lm = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, name))
+    lm = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, name)).to(device).eval()
     if log is None:
         from stillhouse.ui import console
 
         log = console.print
-    log(f"[dim]{model}: computing in {name} on {device} ({why})[/]")
     fingerprint = dir_fingerprint(Path(src)) if Path(src).exists() else None
-    return tokenizer, lm.to(device).eval(), fingerprint
+    if quantize == "int8":
+        from stillhouse.models.quantize import quantize_int8
+
+        layers = quantize_int8(lm)
+        why += f"; {layers} linear layers' weights in int8"
+        fingerprint = fingerprint and fingerprint + "-int8"
+    log(f"[dim]{model}: computing in {name} on {device} ({why})[/]")
+    return tokenizer, lm, fingerprint
+
+
+def quantized_dtype(device: str, dtype: str = "auto", quantize: str = "none") -> tuple[str, str]:
+    """`compute_dtype`, where int8 weights (`quantize="int8"`) need 16-bit activations: PyTorch's int8-weight kernel
+    in float32 ran ~10-30x slower than a float32 matmul here, so float32 is refused and auto means bfloat16."""
+    from stillhouse.models.quantize import METHODS
+
+    if quantize not in METHODS:
+        raise StillhouseError(f"--quantize must be one of {', '.join(METHODS)}, not {quantize!r}")
+    if quantize == "none":
+        return compute_dtype(device, dtype)
+    name, why = compute_dtype(device, dtype)
+    if dtype == "auto" and name != "bfloat16":
+        return "bfloat16", f"int8 weights compute in bf16 ({why}: slower than where bf16 is native)"
+    if name == "float32":
+        raise StillhouseError("--quantize int8 computes in bfloat16 (or float16); it cannot be combined with "
+                              "--dtype float32")
+    return name, why
 
 
 def dir_fingerprint(path: Path) -> str | None:

@@ -29,7 +29,6 @@ import torch
 
 from stillhouse.serve.batches import _CohortBatch, _SlotBatch
 from stillhouse.serve.detok import IncrementalText
-from stillhouse.watermark import GreenListCache
 
 
 @dataclass
@@ -136,13 +135,10 @@ class Engine:
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None, max_batch_tokens: int | None = None,
-                 max_queue: int | None = None, watermark_logprobs: bool = False):
-        from stillhouse.models import load_local_lm, pick_device
+                 max_queue: int | None = None, watermark_logprobs: bool = False, quantize: str = "none"):
+        from stillhouse.models import pick_device
 
         self.device = pick_device(device)
-        self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype)
-        eos = self.model.generation_config.eos_token_id
-        self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.watermark = None
         self._wm = None
         if watermark_logprobs and not watermark:
@@ -154,11 +150,7 @@ class Engine:
             from stillhouse.watermark import load_config
 
             self.watermark = load_config(watermark)
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
         self.max_batch, self.window = max_batch, window_ms / 1000
-        # never below the context, so that any request the model can take fits in an empty batch
-        self.max_batch_tokens = max(self.context, max_batch_tokens or self._default_batch_tokens())
         self.max_queue = max_queue
         self.queue: queue.Queue = queue.Queue()
         self._waiting = 0  # requests submitted and not yet in the running batch (nor failed)
@@ -175,8 +167,50 @@ class Engine:
         self._closed = False
         self._drain_until: float | None = None  # set by `drain`: when accepted requests still unfinished fail
         self._stopped = False  # the loop has ended (set before its last drain of the queue)
-        self._thread = threading.Thread(target=self._loop, name="stillhouse-engine", daemon=True)
+        self._batch = None
+        # The model is loaded by the thread that decodes with it, never by the caller's. PyTorch's CPU ops run on
+        # OpenMP, and each thread that runs a parallel op gets its own OpenMP team; once the teams' threads outnumber
+        # the cores, libgomp stops spinning between ops and puts its threads to sleep, waking them for every op.
+        # Loading (and quantizing) in the caller's thread made a second team: one client's decode on SmolLM2 ran at
+        # 18 tokens/s in int8 and 21 in bf16 against 34 and 24 with everything in one thread (2 cores).
+        loaded: dict = {}
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(model_dir, dtype, quantize, max_batch_tokens,
+                                                                 loaded, ready),
+                                        name="stillhouse-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if "error" in loaded:
+            self._thread.join()
+            raise loaded["error"]
+
+    def _setup(self, model_dir: str, dtype: str, quantize: str, max_batch_tokens: int | None) -> None:
+        """Load the model and everything read from it (in the engine's thread: see `__init__`)."""
+        from stillhouse.models import load_local_lm
+
+        self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype, quantize=quantize)
+        eos = self.model.generation_config.eos_token_id
+        self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        head = self.model.get_output_embeddings()
+        self.vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # the logits' width
+        # never below the context, so that any request the model can take fits in an empty batch
+        self.max_batch_tokens = max(self.context, max_batch_tokens or self._default_batch_tokens())
+        if self.watermark is not None:
+            from stillhouse.watermark import GreenListCache
+
+            self._wm = GreenListCache(self.watermark.construct_processor(
+                self.model.config.get_text_config().vocab_size, self.device))
+
+    def _main(self, model_dir, dtype, quantize, max_batch_tokens, loaded: dict, ready: threading.Event) -> None:
+        try:
+            self._setup(model_dir, dtype, quantize, max_batch_tokens)
+        except BaseException as e:
+            loaded["error"] = e
+            return
+        finally:
+            ready.set()
+        self._loop()
 
     # -- public -------------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> Future:
@@ -268,11 +302,6 @@ class Engine:
 
     @torch.inference_mode()  # all of the loop: its tensors are inference tensors, updated in place
     def _run(self, waiting: list[_Seq]) -> None:
-        # Built here, not in __init__: the processor's set-up is the process's first multi-threaded torch op, and
-        # CPU decoding ran ~20% slower when that op came from another thread than the one that decodes.
-        if self.watermark is not None:
-            self._wm = GreenListCache(self.watermark.construct_processor(self.model.config.get_text_config().vocab_size,
-                                                                      self.device))
         batch = self._batch = self._new_batch()
         stopping = False
         while True:
