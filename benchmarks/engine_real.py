@@ -1,12 +1,14 @@
 """`stillhouse serve` on a real model beside `transformers serve` and llama.cpp's server, in one run.
 
     .venv/bin/python benchmarks/engine_real.py [--concurrency 1,8,64] [--requests 4,16,64] [--max-tokens 128]
-        [--llamacpp-python ~/.cache/stillhouse/bench-venvs/llamacpp/bin/python] [--no-transformers] [--dtypes float32,auto]
+        [--llamacpp-python ~/.cache/stillhouse/bench-venvs/llamacpp/bin/python] [--no-transformers]
+        [--dtypes float32,auto,int8]
 
 Model: SmolLM2-135M-Instruct, the real job's Q4_1 GGUF (`stillhouse serve` and `transformers serve` get it dequantized,
 as `stillhouse` converts it; llama.cpp runs the GGUF itself, 4-bit). Servers, all up at once:
 
-- `stillhouse serve` (this tree) in each of `--dtypes` (auto: bf16 where the CPU has native bf16), `--max-batch 64`;
+- `stillhouse serve` (this tree) in each of `--dtypes` (auto: bf16 where the CPU has native bf16; int8: `--quantize
+  int8`, int8 weights and bf16 activations), `--max-batch 64`;
 - `transformers serve --continuous-batching --dtype float32` on the dequantized directory;
 - llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, from llama-cpp-python installed in a
   benchmark venv of its own: it is a C++ build, not a dependency of stillhouse), 2 threads.
@@ -105,7 +107,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", default="4,16,64", help="requests sent at each concurrency level")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtypes", default="float32,auto", help="stillhouse serve's --dtype values to run")
+    ap.add_argument("--dtypes", default="float32,auto,int8",
+                    help="stillhouse serve's --dtype values to run; int8: --quantize int8 (bf16 activations)")
     ap.add_argument("--llamacpp-python", default=str(LLAMACPP_PY))
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--modes", default="plain,stream")
@@ -126,9 +129,10 @@ def main() -> None:
     servers: dict[str, tuple] = {}
     for dt in a.dtypes.split(","):
         port = free_port()
-        servers[f"stillhouse serve --dtype {dt}"] = (
+        opt = ["--quantize", "int8"] if dt == "int8" else ["--dtype", dt]
+        servers[f"stillhouse serve {' '.join(opt)}"] = (
             [sys.executable, "-m", "stillhouse.cli", "serve", str(GGUF), "--port", str(port), "--model-name", "smollm2",
-             "--max-batch", "64", "--dtype", dt], port, "smollm2")
+             "--max-batch", "64", *opt], port, "smollm2")
     if not a.no_transformers:
         port = free_port()
         servers["transformers serve --continuous-batching --dtype float32"] = (
