@@ -518,3 +518,30 @@ def test_an_int8_engine_answers_as_its_own_model_does(tmp_path):
         e.close()
     with pytest.raises(StillhouseError, match="cannot be combined with --dtype float32"):
         Engine(str(root), dtype="float32", quantize="int8")
+
+
+def test_the_engine_loads_its_model_in_the_thread_that_decodes(tiny_models, monkeypatch):
+    """One OpenMP team of threads per process (a second halved CPU decoding: BENCHMARKS.md engine_real): the model
+    is loaded, and the watermark's processor built, by the engine's own thread; a load that fails raises in the
+    caller's."""
+    import threading
+
+    import stillhouse.models as models
+    from stillhouse.errors import StillhouseError
+
+    seen = []
+    real = models.load_local_lm
+
+    def spy(*a, **k):
+        seen.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(models, "load_local_lm", spy)
+    e = Engine(str(tiny_models["teacher"]), max_batch=2, window_ms=0, dtype="float32")
+    try:
+        assert seen == ["stillhouse-engine"] and e._thread.name == "stillhouse-engine"
+        assert e.submit(GenRequest(_ids(e, "Hi"), 3, temperature=0.0)).result(timeout=60).token_ids
+    finally:
+        e.close()
+    with pytest.raises(StillhouseError, match="does not exist"):
+        Engine("/nonexistent/model-dir", dtype="float32")
