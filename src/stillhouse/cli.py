@@ -158,9 +158,9 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               dtype: str = typer.Option("auto", help="compute dtype: float32, bfloat16, float16, or auto (bf16 where "
                                                      "the hardware runs it natively, else fp32; the choice is logged)"),
               quantize: str = typer.Option("none", help="int8: every linear layer's weight stored in int8, "
-                                                        "computing in bf16: about 2x faster for one client on a CPU "
-                                                        "with native bf16, slower at large batches, and it changes "
-                                                        "answers as bf16 does"),
+                                                        "computing in bf16: 2-3x fp32's speed for one client on a "
+                                                        "CPU with native bf16, no faster than fp32 at 64 clients, and "
+                                                        "it changes more greedy answers than bf16 does"),
               watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`"),
               watermark_logprobs: bool = typer.Option(False, "--watermark-logprobs",
                                                       help="report logprobs of the watermarked distribution the tokens "

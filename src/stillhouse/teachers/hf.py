@@ -26,7 +26,7 @@ class HFOptions(BackendOptions):
         "auto", description="compute dtype; auto: bf16 where the hardware runs it natively, else fp32")
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: every linear layer's weight in int8, computing in bf16 (faster for few rows at a "
-                            "time, and it changes answers as bf16 does)")
+                            "time, no faster than fp32 for many; it changes more greedy answers than bf16)")
     top_logprobs: int = Field(0, ge=0, le=20, description="keep the k most likely tokens per generated token")
     watermark: str | None = Field(None, description="a key file from `stillhouse watermark keygen`")
     watermark_logprobs: bool = Field(False, description="logprobs of the watermarked distribution the tokens are drawn "
