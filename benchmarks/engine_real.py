@@ -18,7 +18,9 @@ For each concurrency level (1, 8, 64 clients) and mode (plain and streaming), ev
 generated tokens/s (the answer's tokens by SmolLM2's tokenizer, plus one where it stopped at the end of sequence,
 alike for every server), time to first token (streaming: first content chunk), request latency p50/p99, and the share
 of the compute limit: SmolLM2 costs 2 x 134.5M FLOP a generated token, and the CPU's fp32 matmul rate (1024x1024, 2
-threads, best of the samples taken between levels) bounds what any fp32 server can do. Also the machine-speed factor
+threads, best of the samples taken between levels) bounds what any fp32 server can do; a second share counts the
+prompts' tokens as well (each 2 x the parameters less the output layer's), since every server must prefill them. Also
+the machine-speed factor
 and the CPU stall (PSI) while each server ran. Writes BENCHMARKS.md's engine_real section.
 """
 
@@ -45,6 +47,9 @@ GGUF = Path("~/.cache/stillhouse/real/SmolLM2-135M-Instruct.Q4_1.gguf").expandus
 LLAMACPP_PY = Path("~/.cache/stillhouse/bench-venvs/llamacpp/bin/python").expanduser()
 PARAMS = 134_515_008  # SmolLM2-135M, tied embeddings counted once; the output layer's matmul is in it
 FLOP_PER_TOKEN = 2 * PARAMS
+# A prompt token skips the 49,152 x 576 output layer (only the last position's logits are computed; llama.cpp's server
+# computes them for the last position too), and attention is left out of both counts.
+PROMPT_FLOP_PER_TOKEN = 2 * (PARAMS - 49_152 * 576)
 
 
 async def load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool) -> dict:
@@ -174,7 +179,10 @@ def main() -> None:
                     s1 = cpu_stall_us()
                     gen = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (f == "stop")
                               for t, f in zip(r["texts"], r["finish"]) if t is not None)
-                    rows.append({"server": label, "clients": c, "mode": mode, "wall": r["wall"], "gen": gen,
+                    prompt_toks = sum(len(tok.apply_chat_template([{"role": "user", "content": q}],
+                                                                  add_generation_prompt=True, return_dict=True)
+                                          ["input_ids"]) for q, t in zip(part, r["texts"]) if t is not None)
+                    rows.append({"server": label, "clients": c, "mode": mode, "wall": r["wall"], "gen": gen, "prompt": prompt_toks,
                                  "texts": r["texts"], "ttft": r["ttft"], "latency": r["latency"], "errors": r["errors"],
                                  "stall": None if s0 is None or s1 is None else (s1 - s0) / 1e6 / r["wall"]})
                     print(f"{c} clients {mode} {label}: {gen / r['wall']:.1f} tok/s, {r['wall']:.0f} s, "
@@ -206,9 +214,10 @@ def main() -> None:
              f"tokens/s**. Machine speed (`../shared/tools/machine-speed`, after the run): **{factor}** the reference "
              f"machine. CPU stall over the whole run (PSI, all processes): "
              f"{'?' if stall_start is None else format((stall_end - stall_start) / 1e6 / wall_all, '.0%')}.", "",
-             "| clients | mode | server | generated tokens/s | x stillhouse (first row) | of the fp32 limit | TTFT p50 s | "
+             "| clients | mode | server | generated tokens/s | x stillhouse (first row) | of the fp32 limit | "
+             "of the limit, prompts' FLOPs counted too | TTFT p50 s | "
              "latency p50 s | latency p99 s | answers equal to the first row's | CPU stall |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         tps = r["gen"] / r["wall"]
         first = next(x for x in rows if x["server"] == ours and x["clients"] == r["clients"] and x["mode"] == r["mode"])
@@ -216,6 +225,7 @@ def main() -> None:
         answered = sum(t is not None for t in r["texts"])
         lines.append(f"| {r['clients']} | {r['mode']} | {r['server']} | {tps:.1f} | "
                      f"{tps / ref_tps(r['clients'], r['mode']):.2f}x | {tps / limit:.1%} | "
+                     f"{(r['gen'] * FLOP_PER_TOKEN + r['prompt'] * PROMPT_FLOP_PER_TOKEN) / r['wall'] / (gflops * 1e9):.1%} | "
                      f"{'–' if not r['ttft'] else format(pct(r['ttft'], 0.5), '.2f')} | {pct(r['latency'], 0.5):.2f} | "
                      f"{pct(r['latency'], 0.99):.2f} | {same}/{answered}"
                      + (f" ({len(r['errors'])} failed: {r['errors'][:1]})" if r["errors"] else "")
