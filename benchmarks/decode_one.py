@@ -12,6 +12,8 @@ ones anywhere in their first `--tokens` tokens.
 - torchao int8 (weight-only, per-channel, `Int8WeightOnlyConfig`), fp32 and bf16 activations: torchao's eager path;
 - PyTorch's fused `_weight_int8pack_mm` kernel (int8 weights, per-row scales, bf16 activations), on every linear
   layer or on the 49K-row output layer alone (a quarter of the weights);
+- PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 with a scale and an offset each: llama.cpp's
+  Q4_1 precision) on every linear layer;
 - with `--compile`: bf16 under `torch.compile` (inductor, C++ on CPU); its compile time is reported apart.
 
 Reports the machine-speed factor and the CPU stall (PSI) during the run; writes BENCHMARKS.md's decode_one section.
@@ -54,6 +56,41 @@ class Int8PackLinear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class Int4PackLinear(torch.nn.Module):
+    """A linear layer on PyTorch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`: 4-bit weights in groups of
+    `group` along the input with a bf16 scale and offset each, bf16 activations): the precision of llama.cpp's Q4_1
+    (groups of 32, a scale and a minimum each). Asymmetric rounding to 0..15 per group; the kernel computes
+    (q - 8) * scale + zero, so zero = min + 8 * scale."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int = 32):
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        wg = w.reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale
+        self.group, self.n = group, n
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("sz", torch.stack([scale.reshape(n, -1).T, zero.reshape(n, -1).T], -1)
+                             .to(torch.bfloat16).contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.sz)
+        y = y.reshape(*x.shape[:-1], self.n)
+        return y + self.bias if self.bias is not None else y
+
+
+def int4pack(model):
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(mod, child_name, Int4PackLinear(child))
+    return model
+
+
 def int8pack(model, head_only: bool):
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
@@ -66,7 +103,7 @@ def int8pack(model, head_only: bool):
 def load(src: str, variant: str):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if variant in ("fp32", "torchao-int8-fp32") else torch.bfloat16
+    dtype = torch.float32 if variant in ("fp32", "torchao-int8-fp32") else torch.bfloat16  # the int kernels: bf16
     m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     if variant.startswith("torchao-int8"):
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -76,6 +113,8 @@ def load(src: str, variant: str):
         int8pack(m, head_only=False)
     elif variant == "int8pack-head":
         int8pack(m, head_only=True)
+    elif variant == "int4pack-g32":
+        int4pack(m)
     return m
 
 
@@ -110,7 +149,8 @@ def main() -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                for q in rows[:args.prompts]]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
-    variants = ["fp32", "bf16", "torchao-int8-fp32", "torchao-int8-bf16", "int8pack-all", "int8pack-head"]
+    variants = ["fp32", "bf16", "torchao-int8-fp32", "torchao-int8-bf16", "int8pack-all", "int8pack-head",
+                "int4pack-g32"]
     try:
         import torchao  # noqa: F401  (not a dependency of stillhouse: `.venv/bin/pip install --no-deps torchao`)
     except ImportError:
