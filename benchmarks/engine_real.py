@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--requests", default="4,16,64", help="requests sent at each concurrency level")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,auto,int8",
-                    help="stillhouse serve's --dtype values to run; int8: --quantize int8 (bf16 activations)")
+                    help="stillhouse serve's --dtype values to run; int8, int4: --quantize int8 / int4 (bf16 activations)")
     ap.add_argument("--llamacpp-python", default=str(LLAMACPP_PY))
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--modes", default="plain,stream")
@@ -134,7 +134,7 @@ def main() -> None:
     servers: dict[str, tuple] = {}
     for dt in a.dtypes.split(","):
         port = free_port()
-        opt = ["--quantize", "int8"] if dt == "int8" else ["--dtype", dt]
+        opt = ["--quantize", dt] if dt in ("int8", "int4") else ["--dtype", dt]
         servers[f"stillhouse serve {' '.join(opt)}"] = (
             [sys.executable, "-m", "stillhouse.cli", "serve", str(GGUF), "--port", str(port), "--model-name", "smollm2",
              "--max-batch", "64", *opt], port, "smollm2")

@@ -545,3 +545,29 @@ def test_the_engine_loads_its_model_in_the_thread_that_decodes(tiny_models, monk
         e.close()
     with pytest.raises(StillhouseError, match="does not exist"):
         Engine("/nonexistent/model-dir", dtype="float32")
+
+
+def test_int4_layers_compute_with_their_dequantized_groups(tmp_path):
+    """`Int4Linear`: 4-bit groups of 32 with a scale and offset each, every weight within half a step of its own;
+    the layer computes x @ W.T with those weights; an engine with `quantize="int4"` answers as its model does."""
+    from stillhouse.models.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=False)
+    q = Int4Linear(lin)
+    w = lin.weight.detach().reshape(48, 3, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    deq = ((w - lo) / step).round() * step + lo  # what the kernel should compute with, before bf16 rounding
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(4, 96)
+    want = x.bfloat16().float() @ deq.reshape(48, 96).T
+    got = q(x.bfloat16()).float()
+    assert (got - want).norm() < 0.02 * want.norm(), (got - want).norm() / want.norm()
+    e = Engine(str(_real_shaped_llama(tmp_path / "m")), max_batch=4, window_ms=0, quantize="int4")
+    try:
+        assert e.fingerprint.endswith("-int4") and isinstance(e.model.lm_head, Int4Linear)
+        p = torch.randint(3, 49152, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+        assert e.submit(GenRequest(p, 10, temperature=0.0)).result(timeout=60).token_ids == _alone(e, p, 10)
+    finally:
+        e.close()

@@ -260,7 +260,7 @@ def test_chat_cli_streams_a_reply_from_a_local_model(tiny_models):
 @pytest.mark.parametrize("args, says", [(["--max-batch", "0"], "--max-batch must be at least 1"),
                                         (["--window-ms", "-5"], "--window-ms must not be negative"),
                                         (["--watermark-logprobs"], "--watermark-logprobs needs --watermark KEYFILE"),
-                                        (["--quantize", "int4"], "--quantize must be one of none, int8, not 'int4'"),
+                                        (["--quantize", "int3"], "--quantize must be one of none, int8, int4, not 'int3'"),
                                         (["--quantize", "int8", "--dtype", "float32"],
                                          "cannot be combined with --dtype float32")])
 def test_bad_serve_options_fail_with_one_clear_line(tiny_models, args, says):

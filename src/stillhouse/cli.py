@@ -160,7 +160,9 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
               quantize: str = typer.Option("none", help="int8: every linear layer's weight stored in int8, "
                                                         "computing in bf16: 2-3x fp32's speed for one client on a "
                                                         "CPU with native bf16, no faster than fp32 at 64 clients, and "
-                                                        "it changes more greedy answers than bf16 does"),
+                                                        "it changes more greedy answers than bf16 does; int4: "
+                                                        "4-bit weights in groups of 32 (CPU only), faster still for "
+                                                        "one client and changing more answers again"),
               watermark: Path = typer.Option(None, help="a key file from `stillhouse watermark keygen`"),
               watermark_logprobs: bool = typer.Option(False, "--watermark-logprobs",
                                                       help="report logprobs of the watermarked distribution the tokens "

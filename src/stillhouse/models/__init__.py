@@ -160,8 +160,8 @@ def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[s
                   quantize: str = "none"):
     """(tokenizer with a pad token, causal LM in eval mode on `device`, weights fingerprint or None) for a local
     model directory, a GGUF file, `stillhouse:NAME`, or a hub name where reachable; the compute dtype fits the
-    hardware (`compute_dtype`), and the choice is logged. `quantize="int8"` stores every linear layer's weight as
-    int8 (`stillhouse.models.quantize`) and computes in bfloat16; the fingerprint says so."""
+    hardware (`compute_dtype`), and the choice is logged. `quantize="int8"` (or "int4") stores every linear layer's
+    weight as int8 (int4) (`stillhouse.models.quantize`) and computes in bfloat16; the fingerprint says so."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,18 +176,18 @@ def load_local_lm(model: str, device: str, dtype: str = "auto", log: Callable[[s
 
         log = console.print
     fingerprint = dir_fingerprint(Path(src)) if Path(src).exists() else None
-    if quantize == "int8":
-        from stillhouse.models.quantize import quantize_int8
+    if quantize != "none":
+        from stillhouse.models.quantize import quantize as quantize_model
 
-        layers = quantize_int8(lm)
-        why += f"; {layers} linear layers' weights in int8"
-        fingerprint = fingerprint and fingerprint + "-int8"
+        counts = quantize_model(lm, quantize)
+        why += "; linear layers' weights in " + ", ".join(f"{k} ({v})" for k, v in counts.items() if v)
+        fingerprint = fingerprint and f"{fingerprint}-{quantize}"
     log(f"[dim]{model}: computing in {name} on {device} ({why})[/]")
     return tokenizer, lm, fingerprint
 
 
 def quantized_dtype(device: str, dtype: str = "auto", quantize: str = "none") -> tuple[str, str]:
-    """`compute_dtype`, where int8 weights (`quantize="int8"`) need 16-bit activations: PyTorch's int8-weight kernel
+    """`compute_dtype`, where int8 (int4) weights need 16-bit activations: PyTorch's int8-weight kernel
     in float32 ran ~10-30x slower than a float32 matmul here, so float32 is refused and auto means bfloat16."""
     from stillhouse.models.quantize import METHODS
 
@@ -197,10 +197,12 @@ def quantized_dtype(device: str, dtype: str = "auto", quantize: str = "none") ->
         return compute_dtype(device, dtype)
     name, why = compute_dtype(device, dtype)
     if dtype == "auto" and name != "bfloat16":
-        return "bfloat16", f"int8 weights compute in bf16 ({why}: slower than where bf16 is native)"
+        return "bfloat16", f"{quantize} weights compute in bf16 ({why}: slower than where bf16 is native)"
     if name == "float32":
-        raise StillhouseError("--quantize int8 computes in bfloat16 (or float16); it cannot be combined with "
+        raise StillhouseError(f"--quantize {quantize} computes in bfloat16 (or float16); it cannot be combined with "
                               "--dtype float32")
+    if quantize == "int4" and name != "bfloat16":
+        raise StillhouseError(f"--quantize int4 computes in bfloat16; it cannot be combined with --dtype {name}")
     return name, why
 
 

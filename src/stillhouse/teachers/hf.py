@@ -24,9 +24,10 @@ class HFOptions(BackendOptions):
     device: Literal["auto", "cpu", "cuda"] | str = Transport("auto", description="cpu, cuda, cuda:N or auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto: bf16 where the hardware runs it natively, else fp32")
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="int8: every linear layer's weight in int8, computing in bf16 (faster for few rows at a "
-                            "time, no faster than fp32 for many; it changes more greedy answers than bf16)")
+                            "time, no faster than fp32 for many; it changes more greedy answers than bf16); int4: "
+                            "4-bit weights in groups of 32 (CPU), faster still for one client, changing more again")
     top_logprobs: int = Field(0, ge=0, le=20, description="keep the k most likely tokens per generated token")
     watermark: str | None = Field(None, description="a key file from `stillhouse watermark keygen`")
     watermark_logprobs: bool = Field(False, description="logprobs of the watermarked distribution the tokens are drawn "
