@@ -1,6 +1,6 @@
 """The serve engine's greedy answers against transformers' `generate` on a real model (SmolLM2-135M-Instruct).
 
-    .venv/bin/python benchmarks/engine_equal.py [--model DIR_OR_GGUF] [--n 120] [--batch1 120] [--bf16] [--int8]
+    .venv/bin/python benchmarks/engine_equal.py [--model DIR_OR_GGUF] [--n 120] [--batch1 120] [--bf16] [--quantize int8,int4]
 
 Prompts: `n` of the real job's prompts (src/stillhouse/real/prompts.jsonl) through SmolLM2's chat template, in three
 lengths (one question; a system message and a question; a list of eight earlier questions before it), and budgets
@@ -14,8 +14,8 @@ of 32, 64 and 96 tokens in turn, so requests leave the batch at different steps.
   from the float32 reference, where it first differs and the float32 model's margin there (top logit minus the
   runner-up): a difference that starts where two tokens are within bf16's rounding of each other is the dtype's;
   a bf16 engine answer that differs from bf16 `generate`'s where the margin is wide would be a bug;
-- with `--int8`: the engine with `--quantize int8` (int8 weights, bf16 activations), batched and one at a time, against
-  the fp32 reference, with the fp32 margin where each differing answer first leaves it.
+- with `--quantize int8,int4`: the engine with each (int8 or int4 weights, bf16 activations), batched and one at a time,
+  against the fp32 reference, with the fp32 margin where each differing answer first leaves it.
 
 References are cached under $STILLHOUSE_CACHE/bench/engine_equal (a re-run only runs the engine). Writes
 BENCHMARKS.md's engine_equal section.
@@ -146,9 +146,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--batch1", type=int, default=None, help="prompts run at max_batch 1 (default: all n)")
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--int8", action="store_true", help="also the engine with --quantize int8")
+    ap.add_argument("--quantize", default="", help="also the engine with these --quantize methods (int8,int4)")
     ap.add_argument("--bf16-n", type=int, default=None,
-                    help="prompts run in bf16 (and int8) at max_batch 1 and by bf16 generate (default: all n)")
+                    help="prompts run in bf16 (and quantized) at max_batch 1 and by bf16 generate (default: all n)")
     ap.add_argument("--alone", type=int, default=None,
                     help="prompts whose fp32 reference runs alone (default: all); the rest in padded batches")
     ap.add_argument("--no-write", action="store_true")
@@ -234,35 +234,33 @@ def main() -> None:
                       f"bf16 `generate`'s own top-2 margin is median {statistics.median(eng_vs_gen):.3f}, max "
                       f"{max(eng_vs_gen):.3f} (bf16 keeps 8 bits of mantissa: logits near 16 are rounded to "
                       f"0.0625).")
-    if a.int8:
+    for method in [m for m in a.quantize.split(",") if m]:
         nb = a.n if a.bf16_n is None else a.bf16_n
-        e = Engine(model_src, max_batch=64, window_ms=0, quantize="int8")
-        got8, wall, largest = run_engine(e, ids, budgets, staggered=True)
+        e = Engine(model_src, max_batch=64, window_ms=0, quantize=method)
+        gotq, wall, largest = run_engine(e, ids, budgets, staggered=True)
         e.close()
-        compare("engine, --quantize int8 (int8 weights, bf16 activations), max_batch 64 (the same schedule)", got8,
-                wall, largest)
-        e = Engine(model_src, max_batch=1, window_ms=0, quantize="int8")
-        got8_1, wall1, _ = run_engine(e, ids[:nb], budgets[:nb], staggered=False)
-        m8 = e.model
+        compare(f"engine, --quantize {method} ({method} weights, bf16 activations), max_batch 64 (the same schedule)",
+                gotq, wall, largest)
+        e = Engine(model_src, max_batch=1, window_ms=0, quantize=method)
+        gotq_1, wall1, _ = run_engine(e, ids[:nb], budgets[:nb], staggered=False)
         e.close()
         ref = ref_all[:nb]
-        compare(f"engine, --quantize int8, max_batch 1 (first {nb} prompts)", got8_1, wall1, 1)
+        compare(f"engine, --quantize {method}, max_batch 1 (first {nb} prompts)", gotq_1, wall1, 1)
         ref = ref_all
         at_div = []
         for i in range(a.n):
-            j = first_diff(got8[i], ref[i])
+            j = first_diff(gotq[i], ref[i])
             if j is not None:
                 at_div.append((j, margins(m32, ids[i], ref[i], j)[j]))
-        same_1_64 = sum(x == y for x, y in zip(got8, got8_1))
-        bf.append(f"- int8 among themselves (first {nb} prompts): the int8 engine at max_batch 64 equals it at "
+        same_1_64 = sum(x == y for x, y in zip(gotq, gotq_1))
+        bf.append(f"- {method} among themselves (first {nb} prompts): the {method} engine at max_batch 64 equals it at "
                   f"max_batch 1 on {same_1_64}/{nb}.")
         if at_div:
             js = sorted(j for j, _ in at_div)
-            bf.append(f"- where an int8 answer first leaves the fp32 one ({len(at_div)} of {a.n} answers; at token "
+            bf.append(f"- where a {method} answer first leaves the fp32 one ({len(at_div)} of {a.n} answers; at token "
                       f"median {statistics.median(js):.0f}, first quartile {js[len(js) // 4]}), the fp32 model's "
                       f"top-2 logit margin is median {statistics.median(m for _, m in at_div):.3f}, max "
                       f"{max(m for _, m in at_div):.3f}.")
-        del m8
     wall_all = time.monotonic() - t0
     stall1 = cpu_stall_us()
     stall = f"{(stall1 - stall0) / 1e6 / wall_all:.0%}" if stall0 is not None and stall1 is not None else "unknown"

@@ -567,7 +567,11 @@ def test_int4_layers_compute_with_their_dequantized_groups(tmp_path):
     e = Engine(str(_real_shaped_llama(tmp_path / "m")), max_batch=4, window_ms=0, quantize="int4")
     try:
         assert e.fingerprint.endswith("-int4") and isinstance(e.model.lm_head, Int4Linear)
-        p = torch.randint(3, 49152, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-        assert e.submit(GenRequest(p, 10, temperature=0.0)).result(timeout=60).token_ids == _alone(e, p, 10)
+        g = torch.Generator().manual_seed(3)
+        ps = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (9, 23, 5)]
+        assert e.submit(GenRequest(ps[0], 10, temperature=0.0)).result(timeout=60).token_ids == _alone(e, ps[0], 10)
+        # prompts of several lengths prefilled together: the output layer gets the last positions of a padded batch
+        futs = [e.submit(GenRequest(p, 6, temperature=0.0)) for p in ps]
+        assert all(len(f.result(timeout=60).token_ids) > 0 for f in futs)
     finally:
         e.close()

@@ -82,8 +82,10 @@ class Int4Linear(torch.nn.Module):
                                                                         requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(self.scale_zero.dtype),
-                                                       self.packed, self.GROUP, self.scale_zero)
+        # the kernel reads its input as dense rows (a prefill's last positions, [rows, 1, width] out of [rows, len,
+        # width], are not)
+        a = x.reshape(-1, x.shape[-1]).to(self.scale_zero.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.GROUP, self.scale_zero)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
