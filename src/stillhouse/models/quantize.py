@@ -10,7 +10,7 @@ whole weight to the activation dtype on every call, which was slower than fp32 e
 What it costs: greedy answers change more often than bf16's (BENCHMARKS.md `engine_equal`), and at large batches the
 int8 kernel is slower than a bf16 matmul (it is built for few rows), so it is a choice for latency, not for throughput.
 int4 (groups of 32 with a scale and an offset each, llama.cpp's Q4_1 precision; CPU only) halves the bytes again: a
-quarter faster than int8 for one client on SmolLM2, and it changes more answers still.
+sixth to a quarter faster than int8 for one client on SmolLM2, and it changes more answers still.
 """
 
 from __future__ import annotations
@@ -135,7 +135,3 @@ def quantize(model: torch.nn.Module, method: str = "int8") -> dict[str, int]:
         raise StillhouseError(f"--quantize {method}: the model has no torch.nn.Linear layers to quantize")
     return counts
 
-
-def quantize_int8(model: torch.nn.Module) -> int:
-    """Every linear layer of `model` in int8 (`quantize(model, "int8")`); returns how many."""
-    return quantize(model, "int8")["int8"]
