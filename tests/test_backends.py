@@ -91,6 +91,26 @@ def test_cache_identity_of_a_local_model_follows_its_weights(tiny_models, tmp_pa
     AutoModelForCausalLM.from_pretrained(tiny_models["base"]).save_pretrained(d)  # retrained in place
     assert answer_identity(f"hf:{d}", {})["weights"] != before["weights"]
     assert answer_identity("openai:gpt-4o-mini", {})["model"] == "gpt-4o-mini"
+    assert "quantize" not in before  # identities of unquantized models are what they were before quantize existed
+    for method in ("int8", "int4"):
+        q = answer_identity(f"hf:{d}", {"quantize": method})
+        assert q["quantize"] == method and q["dtype"] == "bfloat16" and q != answer_identity(f"hf:{d}", {})
+
+
+def test_quantized_models_compute_in_bf16_and_refuse_float32(monkeypatch):
+    """int8/int4 weights compute in bf16: auto picks it even on a CPU without native bf16 (and the log says it is
+    slower there), float32 is refused, and an unknown method names the ones there are."""
+    from stillhouse import models as hf
+    from stillhouse.errors import StillhouseError
+
+    monkeypatch.setattr(hf, "cpu_flags", lambda: frozenset({"avx2"}))
+    name, why = hf.quantized_dtype("cpu", "auto", "int8")
+    assert name == "bfloat16" and "no native bf16" in why and "slower than where bf16 is native" in why
+    assert hf.quantized_dtype("cpu", "auto", "none")[0] == "float32"
+    with pytest.raises(StillhouseError, match="cannot be combined with --dtype float32"):
+        hf.quantized_dtype("cpu", "float32", "int4")
+    with pytest.raises(StillhouseError, match="one of none, int8, int4, not 'int2'"):
+        hf.quantized_dtype("cpu", "auto", "int2")
 
 
 def test_compute_dtype_fits_the_hardware_not_the_checkpoint(monkeypatch, tiny_models):
