@@ -184,9 +184,6 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
         raise StillhouseError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if max_queue < 1:
         raise StillhouseError(f"--max-queue must be at least 1, not {max_queue}")
-    from stillhouse.models import pick_device, quantized_dtype
-
-    quantized_dtype(pick_device(device), dtype, quantize)  # a bad pair fails before the model loads
     if watermark_logprobs and watermark is None:
         raise StillhouseError("--watermark-logprobs needs --watermark KEYFILE")
     extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}

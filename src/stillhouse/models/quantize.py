@@ -93,16 +93,20 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight, groups of {self.GROUP}"
 
 
-def check_kernel(device: str | torch.device, act_dtype: torch.dtype) -> None:
-    """Raise a clear error where PyTorch has no int8-weight kernel for this device and dtype."""
+def check_kernel(method: str, device: str | torch.device, act_dtype: torch.dtype) -> None:
+    """Raise a clear error where PyTorch has no kernel for `method`'s layers on this device and dtype: one tiny layer
+    of the kind is built and run."""
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
+    if method == "int4" and torch.device(device).type != "cpu":
+        raise StillhouseError(f"--quantize int4 runs PyTorch's CPU int4 kernel; the model is on {device}")
     try:
-        x = torch.ones(1, 32, dtype=act_dtype, device=device)
-        q = torch.ones(8, 32, dtype=torch.int8, device=device)
-        torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=act_dtype, device=device))
-    except (RuntimeError, NotImplementedError) as e:
+        layer(torch.nn.Linear(Int4Linear.GROUP, 16, bias=False, device=device), act_dtype)(
+            torch.ones(1, Int4Linear.GROUP, dtype=act_dtype, device=device))
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StillhouseError(f"--quantize int8: PyTorch {torch.__version__} has no int8-weight kernel for "
-                              f"{act_dtype} on {device} ({first}); serve without --quantize") from None
+        raise StillhouseError(f"--quantize {method}: PyTorch {torch.__version__} has no {method} weight kernel for "
+                              f"{act_dtype} on {device} ({first}); "
+                              f"{'use --quantize int8' if method == 'int4' else 'serve without --quantize'}") from None
 
 
 def quantize(model: torch.nn.Module, method: str = "int8") -> dict[str, int]:
@@ -111,25 +115,17 @@ def quantize(model: torch.nn.Module, method: str = "int8") -> dict[str, int]:
     got each. Embeddings and norms keep their dtype."""
     if method not in METHODS[1:]:
         raise StillhouseError(f"--quantize must be one of {', '.join(METHODS)}, not {method!r}")
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    check_kernel(device, dtype)
+    first = next(model.parameters())
+    check_kernel("int8", first.device, first.dtype)  # int4 falls back to int8 for shapes its kernel does not take
     if method == "int4":
-        if device.type != "cpu":
-            raise StillhouseError(f"--quantize int4 runs PyTorch's CPU int4 kernel; the model is on {device}")
-        try:
-            Int4Linear(torch.nn.Linear(Int4Linear.GROUP, 16, bias=False), dtype)(torch.ones(1, Int4Linear.GROUP,
-                                                                                             dtype=dtype))
-        except (AttributeError, RuntimeError, NotImplementedError) as e:
-            raise StillhouseError(f"--quantize int4: PyTorch {torch.__version__} has no CPU int4 kernel for {dtype} "
-                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                                  f"use --quantize int8") from None
+        check_kernel("int4", first.device, first.dtype)
     counts = {"int8": 0, "int4": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 four = method == "int4" and Int4Linear.fits(child)
-                setattr(parent, name, (Int4Linear if four else Int8Linear)(child, dtype).to(child.weight.device))
+                # built from the layer's own weight, on its device
+                setattr(parent, name, (Int4Linear if four else Int8Linear)(child, first.dtype))
                 counts["int4" if four else "int8"] += 1
     if not sum(counts.values()):
         raise StillhouseError(f"--quantize {method}: the model has no torch.nn.Linear layers to quantize")

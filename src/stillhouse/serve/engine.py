@@ -173,16 +173,11 @@ class Engine:
         # the cores, libgomp stops spinning between ops and puts its threads to sleep, waking them for every op.
         # Loading (and quantizing) in the caller's thread made a second team: one client's decode on SmolLM2 ran at
         # 18 tokens/s in int8 and 21 in bf16 against 34 and 24 with everything in one thread (2 cores).
-        loaded: dict = {}
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(model_dir, dtype, quantize, max_batch_tokens,
-                                                                 loaded, ready),
+        loaded: Future = Future()
+        self._thread = threading.Thread(target=self._main, args=(model_dir, dtype, quantize, max_batch_tokens, loaded),
                                         name="stillhouse-engine", daemon=True)
         self._thread.start()
-        ready.wait()
-        if "error" in loaded:
-            self._thread.join()
-            raise loaded["error"]
+        loaded.result()  # the load's own error, raised here in the caller's thread
 
     def _setup(self, model_dir: str, dtype: str, quantize: str, max_batch_tokens: int | None) -> None:
         """Load the model and everything read from it (in the engine's thread: see `__init__`)."""
@@ -202,14 +197,13 @@ class Engine:
             self._wm = GreenListCache(self.watermark.construct_processor(
                 self.model.config.get_text_config().vocab_size, self.device))
 
-    def _main(self, model_dir, dtype, quantize, max_batch_tokens, loaded: dict, ready: threading.Event) -> None:
+    def _main(self, model_dir, dtype, quantize, max_batch_tokens, loaded: Future) -> None:
         try:
             self._setup(model_dir, dtype, quantize, max_batch_tokens)
         except BaseException as e:
-            loaded["error"] = e
+            loaded.set_exception(e)
             return
-        finally:
-            ready.set()
+        loaded.set_result(None)
         self._loop()
 
     # -- public -------------------------------------------------------------------------------
