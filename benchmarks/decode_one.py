@@ -11,9 +11,10 @@ ones anywhere in their first `--tokens` tokens.
 - fp32, bf16: the model as loaded;
 - torchao int8 (weight-only, per-channel, `Int8WeightOnlyConfig`), fp32 and bf16 activations: torchao's eager path;
 - PyTorch's fused `_weight_int8pack_mm` kernel (int8 weights, per-row scales, bf16 activations), on every linear
-  layer or on the 49K-row output layer alone (a quarter of the weights);
+  layer or on the 49K-row output layer alone (a quarter of the weights): `stillhouse.models.quantize`'s `Int8Linear`,
+  what `serve --quantize int8` runs;
 - PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 with a scale and an offset each: llama.cpp's
-  Q4_1 precision) on every linear layer;
+  Q4_1 precision) on every linear layer: `Int4Linear`, what `serve --quantize int4` runs;
 - with `--compile`: bf16 under `torch.compile` (inductor, C++ on CPU); its compile time is reported apart.
 
 Reports the machine-speed factor and the CPU stall (PSI) during the run; writes BENCHMARKS.md's decode_one section.
@@ -36,72 +37,10 @@ from engine import cpu_stall_us, machine_speed  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Int8PackLinear(torch.nn.Module):
-    """A linear layer on PyTorch's fused int8-weight kernel (`aten._weight_int8pack_mm`: int8 weights and per-row
-    scales, activations in their own dtype). Written here because torchao's weight-only int8 path converts the whole
-    int8 weight to the activation dtype on every call in eager mode (measured below), and this kernel is what a fused
-    path runs; the per-row symmetric quantization is four lines."""
-
-    def __init__(self, linear: torch.nn.Linear, act_dtype: torch.dtype):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127
-        self.register_buffer("q", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(act_dtype))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale)
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y + self.bias if self.bias is not None else y
-
-
-class Int4PackLinear(torch.nn.Module):
-    """A linear layer on PyTorch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`: 4-bit weights in groups of
-    `group` along the input with a bf16 scale and offset each, bf16 activations): the precision of llama.cpp's Q4_1
-    (groups of 32, a scale and a minimum each). Asymmetric rounding to 0..15 per group; the kernel computes
-    (q - 8) * scale + zero, so zero = min + 8 * scale."""
-
-    def __init__(self, linear: torch.nn.Linear, group: int = 32):
-        super().__init__()
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        wg = w.reshape(n, k // group, group)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(1e-8)
-        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * scale
-        self.group, self.n = group, n
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("sz", torch.stack([scale.reshape(n, -1).T, zero.reshape(n, -1).T], -1)
-                             .to(torch.bfloat16).contiguous())
-        self.bias = linear.bias
-
-    def forward(self, x):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.sz)
-        y = y.reshape(*x.shape[:-1], self.n)
-        return y + self.bias if self.bias is not None else y
-
-
-def int4pack(model):
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(mod, child_name, Int4PackLinear(child))
-    return model
-
-
-def int8pack(model, head_only: bool):
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, torch.nn.Linear) and (not head_only or full == "lm_head"):
-                setattr(mod, child_name, Int8PackLinear(child, torch.bfloat16))
-    return model
-
-
 def load(src: str, variant: str):
     from transformers import AutoModelForCausalLM
+
+    from stillhouse.models.quantize import Int8Linear, quantize
 
     dtype = torch.float32 if variant in ("fp32", "torchao-int8-fp32") else torch.bfloat16  # the int kernels: bf16
     m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
@@ -110,11 +49,11 @@ def load(src: str, variant: str):
 
         quantize_(m, Int8WeightOnlyConfig())
     elif variant == "int8pack-all":
-        int8pack(m, head_only=False)
+        quantize(m, "int8")  # what `serve --quantize int8` runs
     elif variant == "int8pack-head":
-        int8pack(m, head_only=True)
+        m.lm_head = Int8Linear(m.lm_head, torch.bfloat16)
     elif variant == "int4pack-g32":
-        int4pack(m)
+        quantize(m, "int4")
     return m
 
 
