@@ -575,3 +575,56 @@ def test_int4_layers_compute_with_their_dequantized_groups(tmp_path):
         assert all(len(f.result(timeout=60).token_ids) > 0 for f in futs)
     finally:
         e.close()
+
+
+def test_prompts_sharing_a_beginning_prefill_it_once_and_still_match_generate(tmp_path):
+    """A shared beginning (a system prompt) is found, computed once and copied into each row that starts with it:
+    greedy fp32 answers still equal `generate` alone, for requests in the first admission, joining mid-decode, with
+    no shared beginning, and with one token left after it."""
+    # a long window: the first five arrive as one admission however slow the machine
+    e = Engine(str(_real_shaped_llama(tmp_path / "m")), max_batch=16, window_ms=300, dtype="float32")
+    try:
+        g = torch.Generator().manual_seed(2)
+        system = torch.randint(3, 49152, (40,), generator=g).tolist()
+        rest = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (1, 9, 30, 4, 57, 13, 22, 2)]
+        prompts = [system + r for r in rest] + [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (7, 45)]
+        budgets = [14, 5, 20, 9, 12, 25, 3, 17, 10, 8]
+        want = [_alone(e, p, n) for p, n in zip(prompts, budgets)]
+        order = [0, 8, 1, 2, 3, 4, 9, 5, 6, 7]
+        first = {i: e.submit(GenRequest(prompts[i], budgets[i], temperature=0.0)) for i in order[:5]}
+        _wait_steps(e, 3)
+        later = {i: e.submit(GenRequest(prompts[i], budgets[i], temperature=0.0)) for i in order[5:]}
+        got = {i: f.result(timeout=120).token_ids for i, f in {**first, **later}.items()}
+        assert [got[i] for i in range(len(prompts))] == want
+        assert list(e.prefixes.kept) == [tuple(system)]
+        assert e.prefixes.hits == 8 and e.prefixes.tokens_saved == 8 * 40  # every prompt that starts with it
+    finally:
+        e.close()
+
+
+def test_shared_beginnings_are_kept_only_where_they_save_a_pass():
+    from stillhouse.serve.batches import _Prefixes
+
+    p = _Prefixes()
+    a = tuple(range(100, 130))
+    assert p.wanted(a) is None  # nothing to share with yet
+    b = a[:20] + (7, 8, 9)
+    assert p.wanted(b) == a[:20]
+    p.keep(a[:20], [], [])
+    assert p.longest(a) == a[:20] and p.longest(a[:20]) is None  # a prompt must keep a token to prefill
+    assert p.wanted(a[:25] + (1,)) is None  # 5 tokens past a kept beginning: not worth a forward pass
+    assert p.wanted(tuple(range(200, 210))) is None  # shorter than MIN_TOKENS in common with anything
+    p.MAX_TOKENS = 50
+    p.keep(tuple(range(300, 340)), [], [])
+    assert list(p.kept) == [tuple(range(300, 340))]  # the least recently used went past MAX_TOKENS
+
+
+def test_the_prefix_cache_can_be_turned_off(tiny_models):
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=50, dtype="float32", prefix_cache=False)
+    try:
+        prompts = [_ids(e, p) for p in PROMPTS]
+        got = [f.result(timeout=60).token_ids for f in [e.submit(GenRequest(i, 6, temperature=0.0)) for i in prompts]]
+        assert got == [_alone(e, i, 6) for i in prompts]
+        assert e.prefixes is None and e._batch.prefixes is None
+    finally:
+        e.close()

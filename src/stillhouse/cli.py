@@ -173,7 +173,11 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
                                                               "(default: what 4 GiB of KV cache holds)"),
               drain_timeout: float = typer.Option(60.0, help="on SIGTERM/Ctrl-C, seconds that accepted requests may "
                                                              "take to finish; those left get a 503 saying the server "
-                                                             "is stopping")) -> None:
+                                                             "is stopping"),
+              prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
+                                                help="prefill a beginning that prompts share (a chat template's "
+                                                     "system prompt) once and reuse it; off: every prompt whole")
+              ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from stillhouse.serve import serve
     from stillhouse.ui import console
@@ -191,6 +195,8 @@ def serve_cmd(model: str = typer.Argument(..., help="a local HF model directory 
         extra["quantize"] = quantize
     if watermark_logprobs:
         extra["watermark_logprobs"] = True
+    if not prefix_cache:
+        extra["prefix_cache"] = False
     if drain_timeout < 0:
         raise StillhouseError(f"--drain-timeout must not be negative, not {drain_timeout}")
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from stillhouse.serve.batches import _CohortBatch, _SlotBatch
+from stillhouse.serve.batches import _CohortBatch, _Prefixes, _SlotBatch
 from stillhouse.serve.detok import IncrementalText
 
 
@@ -127,6 +127,8 @@ class Engine:
     (each request counts its prompt plus its `max_tokens`; by default what `KV_CACHE_BYTES` of
     cache holds). `max_queue` caps the requests waiting for a place: past it `submit` raises
     `QueueFull` (None: no cap, for callers in this process that bound their own work).
+    `prefix_cache`: prompts that begin alike (a chat template's system prompt) prefill that
+    beginning once (`_Prefixes`); off, every prompt is prefilled whole.
     """
 
     ADMIT_AFTER_STEPS = 8
@@ -135,7 +137,8 @@ class Engine:
 
     def __init__(self, model_dir: str, *, device: str | None = None, max_batch: int = 64, window_ms: float = 10.0,
                  dtype: str = "auto", watermark: str | None = None, max_batch_tokens: int | None = None,
-                 max_queue: int | None = None, watermark_logprobs: bool = False, quantize: str = "none"):
+                 max_queue: int | None = None, watermark_logprobs: bool = False, quantize: str = "none",
+                 prefix_cache: bool = True):
         from stillhouse.models import pick_device
 
         self.device = pick_device(device)
@@ -152,6 +155,8 @@ class Engine:
             self.watermark = load_config(watermark)
         self.max_batch, self.window = max_batch, window_ms / 1000
         self.max_queue = max_queue
+        # kept across batches (a failed step starts a new batch); used by full-attention models only
+        self.prefixes = _Prefixes() if prefix_cache else None
         self.queue: queue.Queue = queue.Queue()
         self._waiting = 0  # requests submitted and not yet in the running batch (nor failed)
         self._admitted: collections.deque = collections.deque(maxlen=256)  # when recent requests got a place
@@ -291,7 +296,7 @@ class Engine:
 
     def _new_batch(self):
         if _SlotBatch.supports(self.model):
-            return _SlotBatch(self.model, self.max_batch, self.tokenizer.pad_token_id)
+            return _SlotBatch(self.model, self.max_batch, self.tokenizer.pad_token_id, self.prefixes)
         return _CohortBatch(self.model, self.tokenizer.pad_token_id)
 
     @torch.inference_mode()  # all of the loop: its tensors are inference tensors, updated in place
@@ -322,10 +327,10 @@ class Engine:
                     self._unwait(len(new))
                     self._admitted.extend([time.monotonic()] * len(new))
                     self.peak_batch_tokens = max(self.peak_batch_tokens, sum(s.req.size() for s in live + new))
-                    for group in self._prefill_groups(new, isinstance(batch, _SlotBatch)):
+                    for group, prefix in self._prefill_groups(batch, new):
                         self.batches_run += 1
                         try:
-                            logits = batch.prefill(group)
+                            logits = batch.prefill(group, prefix) if prefix else batch.prefill(group)
                         except Exception as e:  # a failed prefill fails its own requests, not the running ones
                             self._fail(group, e)
                         else:
@@ -341,19 +346,31 @@ class Engine:
                 self._fail(batch.seqs, e)
                 batch = self._batch = self._new_batch()
 
-    def _prefill_groups(self, new: list[_Seq], split: bool) -> list[list[_Seq]]:
-        """Prompts to prefill together: by length, in groups of about `PREFILL_TOKENS` tokens.
+    def _prefill_groups(self, batch, new: list[_Seq]) -> list[tuple[list[_Seq], tuple[int, ...] | None]]:
+        """Prompts to prefill together, each group with the kept beginning its prompts share (None: none): by that
+        beginning, then by the length of the rest, in groups of about `PREFILL_TOKENS` tokens.
 
         A group is left-padded to its longest prompt, and padding costs as much as real tokens: one
         group of hundreds of prompts of 30 to 75 tokens was more than half padding.
         """
-        if not split:
-            return [new]
-        groups: list[list[_Seq]] = []
-        for s in sorted(new, key=lambda s: len(s.req.prompt_ids)):
-            if not groups or (len(groups[-1]) + 1) * len(s.req.prompt_ids) > self.PREFILL_TOKENS:
-                groups.append([])
-            groups[-1].append(s)
+        if not isinstance(batch, _SlotBatch):
+            return [(new, None)]
+        try:
+            keys = batch.plan(new)  # may run a forward pass for a newly shared beginning
+        except Exception:  # not worth failing requests over: they are prefilled whole (and fail there if it is real)
+            keys = [None] * len(new)
+        by_key: dict = {}
+        for s, key in zip(new, keys):
+            by_key.setdefault(key, []).append(s)
+        groups: list[tuple[list[_Seq], tuple[int, ...] | None]] = []
+        for key, seqs in by_key.items():
+            pre, run = len(key or ()), []
+            for s in sorted(seqs, key=lambda s: len(s.req.prompt_ids)):
+                if run and (len(run) + 1) * (len(s.req.prompt_ids) - pre) > self.PREFILL_TOKENS:
+                    groups.append((run, key))
+                    run = []
+                run.append(s)
+            groups.append((run, key))
         return groups
 
     def _settle(self, batch) -> None:
