@@ -628,3 +628,35 @@ def test_the_prefix_cache_can_be_turned_off(tiny_models):
         assert e.prefixes is None and e._batch.prefixes is None
     finally:
         e.close()
+
+
+def test_the_chunked_output_layer_computes_the_linear_layer_it_replaces():
+    from stillhouse.models.output import ChunkedOutputLinear, speed_up_output
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 5000, bias=True)  # a vocabulary that is not a whole number of chunks
+    head = ChunkedOutputLinear(lin)
+    assert head.weight is lin.weight  # shared, so a tied embedding stays tied
+    with torch.inference_mode():
+        for shape in [(1, 64), (2, 64), (7, 1, 64), (3, 33, 64), (130, 64)]:
+            x = torch.randn(*shape)
+            got, want = head(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
+            assert got.shape == want.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def set_output_embeddings(self, new):
+            self.head = new
+
+    big = Tiny(torch.nn.Linear(8, 8192, bias=False))
+    assert speed_up_output(big) and isinstance(big.head, ChunkedOutputLinear)
+    assert not speed_up_output(big)  # already done
+    assert not speed_up_output(Tiny(torch.nn.Linear(8, 8192, bias=False).to(torch.bfloat16)))  # F.linear is as fast
+    assert not speed_up_output(Tiny(torch.nn.Linear(8, 1000, bias=False)))  # a small vocabulary gains nothing

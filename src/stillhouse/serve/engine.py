@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from stillhouse.models.output import speed_up_output
 from stillhouse.serve.batches import _CohortBatch, _Prefixes, _SlotBatch
 from stillhouse.serve.detok import IncrementalText
 
@@ -189,6 +190,7 @@ class Engine:
         from stillhouse.models import load_local_lm
 
         self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype, quantize=quantize)
+        speed_up_output(self.model)  # float32 on CPU: a faster output layer for a batch of rows (same function)
         eos = self.model.generation_config.eos_token_id
         self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
