@@ -1,6 +1,6 @@
 """`stillhouse serve` on a real model beside `transformers serve` and llama.cpp's server, in one run.
 
-    .venv/bin/python benchmarks/engine_real.py [--concurrency 1,8,64] [--requests 4,16,64] [--max-tokens 128]
+    .venv/bin/python benchmarks/engine_real.py [--concurrency 1,8,64] [--requests 8,16,192] [--max-tokens 128]
         [--llamacpp-python ~/.cache/stillhouse/bench-venvs/llamacpp/bin/python] [--no-transformers]
         [--dtypes float32,auto,int8]
 
@@ -14,7 +14,9 @@ as `stillhouse` converts it; llama.cpp runs the GGUF itself, 4-bit). Servers, al
   benchmark venv of its own: it is a C++ build, not a dependency of stillhouse), 2 threads.
 
 For each concurrency level (1, 8, 64 clients) and mode (plain and streaming), every server gets the same requests
-(the real job's prompts as one user message, greedy, `--max-tokens`), servers taking turns in rotated order. Measured:
+(the real job's prompts as one user message, greedy, `--max-tokens`), servers taking turns in rotated order. Each
+client sends its next request as soon as its last is answered, so with more requests than clients (192 for 64 by
+default, three each) a server is measured under a steady load rather than a batch that drains as answers end. Measured:
 generated tokens/s (the answer's tokens by SmolLM2's tokenizer, plus one where it stopped at the end of sequence,
 alike for every server), time to first token (streaming: first content chunk), request latency p50/p99, and the share
 of the compute limit: SmolLM2 costs 2 x 134.5M FLOP a generated token, and the CPU's fp32 matmul rate (1024x1024, 2
@@ -110,7 +112,7 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,8,64")
-    ap.add_argument("--requests", default="4,16,64", help="requests sent at each concurrency level")
+    ap.add_argument("--requests", default="8,16,192", help="requests sent at each concurrency level")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,auto,int8",
                     help="stillhouse serve's --dtype values to run; int8, int4: --quantize int8 / int4 (bf16 activations)")
