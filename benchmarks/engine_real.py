@@ -11,7 +11,8 @@ as `stillhouse` converts it; llama.cpp runs the GGUF itself, 4-bit). Servers, al
   int8`, int8 weights and bf16 activations), `--max-batch 64`;
 - `transformers serve --continuous-batching --dtype float32` on the dequantized directory;
 - llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, from llama-cpp-python installed in a
-  benchmark venv of its own: it is a C++ build, not a dependency of stillhouse), 2 threads.
+  benchmark venv of its own: it is a C++ build, not a dependency of stillhouse), 2 threads, `--interrupt_requests
+  False` (its default ends a running stream whenever another request arrives).
 
 For each concurrency level (1, 8, 64 clients) and mode (plain and streaming), every server gets the same requests
 (the real job's prompts as one user message, greedy, `--max-tokens`), servers taking turns in rotated order. Each
@@ -150,7 +151,10 @@ def main() -> None:
         port = free_port()
         servers["llama.cpp server (llama-cpp-python, Q4_1 GGUF, 2 threads)"] = (
             [a.llamacpp_python, "-m", "llama_cpp.server", "--model", str(GGUF), "--n_threads", "2",
-             "--n_threads_batch", "2", "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)], port, "smollm2")
+             "--n_threads_batch", "2", "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port),
+             # by default it ends a stream (sending [DONE]) as soon as another request waits for the model: streams
+             # under concurrency came back cut short, a few tokens each, until this was set
+             "--interrupt_requests", "False"], port, "smollm2")
         ver = subprocess.run([a.llamacpp_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
         llama_note = f"llama-cpp-python {ver} (built from source here, in its own venv)"

@@ -63,15 +63,15 @@ class _Prefixes:
 
     def wanted(self, ids: tuple[int, ...]) -> tuple[int, ...] | None:
         """A beginning of `ids` worth computing: shared with a recent prompt, and `MIN_TOKENS` past any kept one."""
-        have = self.longest(ids)
+        need = len(self.longest(ids) or ()) + self.MIN_TOKENS
         shared = 0
-        for other in self.recent:
-            n, m = 0, min(len(ids) - 1, len(other))
-            while n < m and ids[n] == other[n]:
-                n += 1
-            shared = max(shared, n)
+        if len(ids) > need:
+            head = ids[:need]
+            for other in self.recent:
+                if len(other) >= need and other[:need] == head:  # compared in C: long prompts stay cheap
+                    shared = max(shared, _common(ids, other, need, min(len(ids) - 1, len(other))))
         self.recent.append(ids)
-        return ids[:shared] if shared - (len(have) if have else 0) >= self.MIN_TOKENS else None
+        return ids[:shared] if shared else None
 
     def keep(self, key: tuple[int, ...], keys: list, values: list) -> None:
         self.kept[key] = (keys, values)
@@ -81,6 +81,17 @@ class _Prefixes:
     def use(self, key: tuple[int, ...]) -> tuple[list, list]:
         self.kept.move_to_end(key)
         return self.kept[key]
+
+
+def _common(a: tuple, b: tuple, lo: int, hi: int) -> int:
+    """The length of the longest common beginning of `a` and `b`, known to be at least `lo` and at most `hi`."""
+    while lo < hi:  # bisection over slice comparisons, each done in C
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _SlotLayer(DynamicLayer):
