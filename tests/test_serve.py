@@ -352,3 +352,17 @@ def test_watermark_logprobs_need_a_key():
 
     with pytest.raises(ValueError, match="watermark_logprobs needs a watermark key file"):
         HFOptions(watermark_logprobs=True)
+
+
+def test_serve_hands_no_prefix_cache_to_the_engine(tiny_models, monkeypatch):
+    from typer.testing import CliRunner
+
+    import stillhouse.serve as srv
+    from stillhouse.cli import app
+
+    seen = []
+    monkeypatch.setattr(srv, "serve", lambda model, **kw: seen.append(kw))
+    for args, want in (([], None), (["--no-prefix-cache"], False)):
+        r = CliRunner().invoke(app, ["serve", str(tiny_models["teacher"]), *args])
+        assert r.exit_code == 0, r.output
+        assert seen[-1].get("prefix_cache") is want  # on unless asked: the engine's default
