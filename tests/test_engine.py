@@ -610,15 +610,15 @@ def test_shared_beginnings_are_kept_only_where_they_save_a_pass():
     assert p.wanted(a) is None  # nothing to share with yet
     b = a[:20] + (7, 8, 9)
     assert p.wanted(b) == a[:20]
-    p.keep(a[:20], [], [])
+    p.keep(a[:20], [torch.zeros(50)], [torch.zeros(50)])  # 400 bytes
     assert p.longest(a) == a[:20] and p.longest(a[:20]) is None  # a prompt must keep a token to prefill
     assert p.wanted(a[:25] + (1,)) is None  # 5 tokens past a kept beginning: not worth a forward pass
     assert p.wanted(tuple(range(200, 210))) is None  # shorter than MIN_TOKENS in common with anything
     long = tuple(range(5000, 7000))  # a long system prompt, found to the token
     assert p.wanted(long + (1,)) is None and p.wanted(long + (2, 3)) == long
-    p.MAX_TOKENS = 50
-    p.keep(tuple(range(300, 340)), [], [])
-    assert list(p.kept) == [tuple(range(300, 340))]  # the least recently used went past MAX_TOKENS
+    p.MAX_BYTES = 1000
+    p.keep(tuple(range(300, 340)), [torch.zeros(100)], [torch.zeros(100)])  # 800 more: the older goes
+    assert list(p.kept) == [tuple(range(300, 340))]  # the least recently used went past MAX_BYTES
 
 
 def test_the_prefix_cache_can_be_turned_off(tiny_models):
