@@ -97,3 +97,13 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(kind, tmp_path):
     assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr
     assert lines[0].startswith("error:") and expected in " ".join(lines), lines[0]
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("args, says", [(["serve", "x", "--bogus"], "No such option: --bogus"),
+                                        (["generate", "r.yaml", "--nope"], "No such option: --nope"),
+                                        (["serve", "x", "--max-batch", "abc"], "Invalid value for '--max-batch'")])
+def test_command_line_usage_errors_say_what_is_wrong_without_a_traceback(args, says, tmp_path):
+    """Unknown options and values of the wrong type: click's usage message and exit 2 (typer 0.2x raises them from its
+    own copy of click, whose errors are not click's)."""
+    out = subprocess.run([*STILLHOUSE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -553,13 +553,20 @@ def main() -> None:
         sys.exit(e.exit_code)
     except (typer.Abort,):
         sys.exit(1)
-    except Exception as e:  # click usage errors arrive here when standalone_mode is off
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (an unknown option, a bad value) arrive here when standalone_mode is off
+        if isinstance(e, _usage_errors()) and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """The exception types of command-line usage errors: click's, and those of the click that typer 0.2x carries
+    inside itself (`typer._click`), which derive from `typer.TyperException` and not from click's: without them an
+    unknown option ended in a traceback."""
+    import click
+
+    return (click.ClickException, *([typer.TyperException] if hasattr(typer, "TyperException") else []))
 
 
 if __name__ == "__main__":
