@@ -4,7 +4,7 @@
 end, written in place, so requests join and leave without copying the batch's cache.
 `_CohortBatch` (sliding-window or recurrent cache layers): transformers' own cache, new requests
 admitted only between cohorts. Both offer `prefill(seqs)`, `step(context)` and `remove(dead)`,
-which is all `Engine` asks of a batch. `_Prefixes` keeps the keys and values of prompt beginnings
+which is all `Engine` asks of a batch (`prefill(seqs, prefix)` for the prefix cache). `_Prefixes` keeps the keys and values of prompt beginnings
 that requests share (a chat template's system prompt), which `_SlotBatch` prefills only once.
 """
 
@@ -319,7 +319,8 @@ class _CohortBatch:
         self.last = torch.zeros(0, dtype=torch.long, device=model.device)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+    def prefill(self, seqs: list[_Seq], prefix: None = None) -> torch.Tensor:
+        """As `_SlotBatch.prefill`; a cohort has no prefix cache (the engine never plans one for it)."""
         from transformers import DynamicCache
 
         width = max(len(s.req.prompt_ids) for s in seqs)

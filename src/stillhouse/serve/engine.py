@@ -3,7 +3,8 @@
 Requests join the running batch between decoding steps and leave it at the step they finish
 (end of sequence, their own `max_tokens`, or one of their `stop` strings), so a short answer
 never waits for a long one and a freed slot is refilled at once. Each request keeps its own
-sampling settings (temperature, top_p, seed) and can stream its text as it is sampled.
+sampling settings (temperature, top_p, seed; applied in `sampling.py`) and can stream its text
+as it is sampled.
 
 Why a hand-written decode loop: `model.generate` runs a fixed batch until its longest member
 ends and takes one set of sampling settings per call, which is what made a served teacher
@@ -30,6 +31,7 @@ import torch
 from stillhouse.models.output import speed_up_output
 from stillhouse.serve.batches import _CohortBatch, _Prefixes, _SlotBatch
 from stillhouse.serve.detok import IncrementalText
+from stillhouse.serve.sampling import choose, penalize
 
 
 @dataclass
@@ -332,7 +334,7 @@ class Engine:
                     for group, prefix in self._prefill_groups(batch, new):
                         self.batches_run += 1
                         try:
-                            logits = batch.prefill(group, prefix) if prefix else batch.prefill(group)
+                            logits = batch.prefill(group, prefix)
                         except Exception as e:  # a failed prefill fails its own requests, not the running ones
                             self._fail(group, e)
                         else:
@@ -352,8 +354,8 @@ class Engine:
         """Prompts to prefill together, each group with the kept beginning its prompts share (None: none): by that
         beginning, then by the length of the rest, in groups of about `PREFILL_TOKENS` tokens.
 
-        A group is left-padded to its longest prompt, and padding costs as much as real tokens: one
-        group of hundreds of prompts of 30 to 75 tokens was more than half padding.
+        A group is left-padded to its longest prompt (after the shared beginning), and padding costs as much as real
+        tokens: one group of hundreds of prompts of 30 to 75 tokens was more than half padding.
         """
         if not isinstance(batch, _SlotBatch):
             return [(new, None)]
@@ -507,8 +509,8 @@ class Engine:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token under its own settings, record it, and return them as a tensor.
 
-        Per-row temperature, top-p and seed are done here because transformers' logits warpers
-        take one setting per batch.
+        The watermark and the logprobs' distribution are decided here; the per-row penalties and sampling
+        settings are `sampling.py`'s.
         """
         logits = logits.float()
         scores = logits
@@ -519,57 +521,12 @@ class Engine:
         if processed:
             scores = scores.clone() if scores is logits else scores
             for i in processed:
-                scores[i] = self._penalize(seqs[i], scores[i])
-        chosen = scores.argmax(-1)
-        temps = torch.tensor([s.req.temperature for s in seqs], device=logits.device)
-        sampled = (temps > 0).nonzero().flatten().tolist()
-        if sampled:
-            sub = scores[sampled] / temps[sampled, None]
-            dev = logits.device
-            top_p = torch.tensor([seqs[i].req.top_p for i in sampled], device=dev)[:, None]
-            top_k = torch.tensor([seqs[i].req.top_k for i in sampled], device=dev)[:, None]
-            min_p = torch.tensor([seqs[i].req.min_p for i in sampled], device=dev)[:, None]
-            probs = sub.softmax(-1)
-            sorted_p, order = probs.sort(-1, descending=True)
-            # top-k first, then top-p over what top-k kept (renormalized), as transformers' warpers chain them;
-            # min-p compares with the most likely token, which neither of the others removes
-            rank = torch.arange(sorted_p.shape[-1], device=dev)[None]
-            kept = sorted_p.masked_fill((top_k > 0) & (rank >= top_k), 0.0)
-            renorm = kept / kept.sum(-1, keepdim=True)
-            drop = ((renorm.cumsum(-1) - renorm) >= top_p) & (top_p < 1)  # the smallest set reaching top_p
-            drop |= sorted_p < min_p * sorted_p[:, :1]
-            probs = probs.scatter(-1, order, kept.masked_fill(drop, 0.0))
-            free = [j for j, i in enumerate(sampled) if seqs[i].rng is None]
-            if free:
-                chosen[[sampled[j] for j in free]] = torch.multinomial(probs[free], 1, generator=self._rng)[:, 0]
-            for j, i in enumerate(sampled):
-                if seqs[i].rng is not None:
-                    chosen[i] = torch.multinomial(probs[j], 1, generator=seqs[i].rng)[0]
+                scores[i] = penalize(seqs[i], scores[i])
+        chosen = choose(seqs, scores, self._rng)
         logp = reported.log_softmax(-1) if any(s.logprobs is not None for s in seqs) else None
         for row, (s, t) in enumerate(zip(seqs, chosen.tolist())):
             self._advance(s, t, None if s.logprobs is None else logp[row])
         return chosen
-
-    @staticmethod
-    def _penalize(s: _Seq, row: torch.Tensor) -> torch.Tensor:
-        """One row's scores under its repetition, frequency and presence penalties and its logit bias."""
-        r = s.req
-        if s.bias is None and r.logit_bias:
-            s.bias = torch.zeros_like(row)
-            for t, b in r.logit_bias.items():
-                s.bias[t] = b
-        if r.frequency_penalty or r.presence_penalty:
-            if s.counts is None:
-                s.counts = torch.zeros_like(row)
-                for t in s.ids:
-                    s.counts[t] += 1
-            row = row - r.frequency_penalty * s.counts - r.presence_penalty * (s.counts > 0)
-        if r.repetition_penalty != 1:
-            if s.seen is None:
-                s.seen = torch.zeros(row.shape, dtype=torch.bool, device=row.device)
-                s.seen[torch.tensor(r.prompt_ids + s.ids, dtype=torch.long, device=row.device)] = True
-            row = torch.where(s.seen, torch.where(row < 0, row * r.repetition_penalty, row / r.repetition_penalty), row)
-        return row if s.bias is None else row + s.bias
 
     def _advance(self, s: _Seq, t: int, logp: torch.Tensor | None) -> None:
         """Append token `t` to `s` and decide whether it has finished; stream what is now safe to send."""
