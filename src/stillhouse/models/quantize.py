@@ -130,4 +130,3 @@ def quantize(model: torch.nn.Module, method: str = "int8") -> dict[str, int]:
     if not sum(counts.values()):
         raise StillhouseError(f"--quantize {method}: the model has no torch.nn.Linear layers to quantize")
     return counts
-
