@@ -17,7 +17,9 @@ as `stillhouse` converts it; llama.cpp runs the GGUF itself, 4-bit). Servers, al
 For each concurrency level (1, 8, 64 clients) and mode (plain and streaming), every server gets the same requests
 (the real job's prompts as one user message, greedy, `--max-tokens`), servers taking turns in rotated order. Each
 client sends its next request as soon as its last is answered, so with more requests than clients (192 for 64 by
-default, three each) a server is measured under a steady load rather than a batch that drains as answers end. Measured:
+default, three each) the batch stays full until the last requests are sent; the tail where it drains as the last
+answers end is part of the measure, alike for every server (for stillhouse's fp32 server, 53 of 137 decoding steps
+and about a quarter of the run; `engine_http` in BENCHMARKS.md). Measured:
 generated tokens/s (the answer's tokens by SmolLM2's tokenizer, plus one where it stopped at the end of sequence,
 alike for every server), time to first token (streaming: first content chunk), request latency p50/p99, and the share
 of the compute limit: SmolLM2 costs 2 x 134.5M FLOP a generated token, and the CPU's fp32 matmul rate (1024x1024, 2
