@@ -30,16 +30,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _md import command_line, write_section  # noqa: E402
 from engine import cpu_stall_us, fp32_gflops, free_port, machine_speed, start, stop  # noqa: E402
-from engine_real import FLOP_PER_TOKEN, GGUF, ROOT, load  # noqa: E402
+from engine_parts import chat_ids  # noqa: E402
+from engine_real import FLOP_PER_TOKEN, GGUF, ROOT, generated_tokens, load, server_env  # noqa: E402
 
 
 def in_process(prompts: list[str], clients: int, max_tokens: int) -> dict:
     from stillhouse.serve.engine import Engine, GenRequest
 
     e = Engine(str(GGUF), max_batch=64, dtype="float32")
-    tok = e.tokenizer
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = chat_ids(e.tokenizer, prompts)
     e.submit(GenRequest(ids[0], 4, temperature=0.0)).result()  # warm-up, untimed
     todo, lock = iter(range(len(ids))), threading.Lock()
     texts, tokens = [None] * len(ids), [0]
@@ -68,10 +67,9 @@ def in_process(prompts: list[str], clients: int, max_tokens: int) -> dict:
 
 def over_http(prompts: list[str], clients: int, max_tokens: int, tok) -> dict:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT / "src")}
     url = f"http://127.0.0.1:{port}"
     proc = start([sys.executable, "-m", "stillhouse.cli", "serve", str(GGUF), "--port", str(port), "--model-name",
-                  "smollm2", "--max-batch", "64", "--dtype", "float32"], env, url, timeout=900)
+                  "smollm2", "--max-batch", "64", "--dtype", "float32"], server_env(), url, timeout=900)
     try:
         asyncio.run(load(url, "smollm2", prompts[:2], 2, 8, False))  # warm-up, untimed
         r = asyncio.run(load(url, "smollm2", prompts, clients, max_tokens, False))
@@ -79,8 +77,7 @@ def over_http(prompts: list[str], clients: int, max_tokens: int, tok) -> dict:
         stop(proc)
     if r["errors"]:
         raise SystemExit(f"over HTTP: {len(r['errors'])} requests failed: {r['errors'][:1]}")
-    gen = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (f == "stop") for t, f in zip(r["texts"], r["finish"]))
-    return {"wall": r["wall"], "gen": gen, "texts": r["texts"]}
+    return {"wall": r["wall"], "gen": generated_tokens(tok, r["texts"], r["finish"]), "texts": r["texts"]}
 
 
 def main() -> None:

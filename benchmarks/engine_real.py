@@ -107,6 +107,18 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, max_t
     return out
 
 
+def server_env() -> dict:
+    """The environment a benchmarked server starts in: offline, quiet, this tree's `src` importable."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT / "src")}
+
+
+def generated_tokens(tok, texts: list, finish: list) -> int:
+    """Tokens generated, counted alike for every server: each answer re-tokenized by SmolLM2's tokenizer, plus one
+    where it stopped at the end of sequence; unanswered requests (None) count nothing."""
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (f == "stop")
+               for t, f in zip(texts, finish) if t is not None)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -134,7 +146,7 @@ def main() -> None:
     hf_dir = resolve_model(str(GGUF))
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompts = [json.loads(x)["prompt"] for x in (ROOT / "src/stillhouse/real/prompts.jsonl").read_text().splitlines()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT / "src")}
+    env = server_env()
 
     servers: dict[str, tuple] = {}
     for dt in a.dtypes.split(","):
@@ -185,8 +197,7 @@ def main() -> None:
                     s0 = cpu_stall_us()
                     r = asyncio.run(load(f"http://127.0.0.1:{port}", name, part, c, a.max_tokens, mode == "stream"))
                     s1 = cpu_stall_us()
-                    gen = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (f == "stop")
-                              for t, f in zip(r["texts"], r["finish"]) if t is not None)
+                    gen = generated_tokens(tok, r["texts"], r["finish"])
                     prompt_toks = sum(len(tok.apply_chat_template([{"role": "user", "content": q}],
                                                                   add_generation_prompt=True, return_dict=True)
                                           ["input_ids"]) for q, t in zip(part, r["texts"]) if t is not None)
