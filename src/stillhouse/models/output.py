@@ -5,8 +5,8 @@ vocabulary; for SmolLM2's 49,152 x 576 output layer on a 2-core CPU it ran at 5-
 48-64 (the same library's square matmuls: ~190). Computing W_chunk @ x.T instead, 2,048 vocabulary rows at a time,
 puts the long dimension where MKL blocks well and keeps each chunk's output in cache while it is written back into
 [rows, vocab] order: a whole decode step 1.26x faster at 2 rows, 1.12x at 8, 1.06x at 48 (BENCHMARKS.md
-`engine_parts`; the same sums, so fp32 results agree to rounding). Hand-written because no library offers the reordering as a layer; one row
-(a GEMV) and 16-bit dtypes are left to `F.linear`, which is as fast or faster there.
+`engine_parts`; the same sums, so fp32 results agree to rounding). Hand-written because no library offers the
+reordering as a layer; one row (a GEMV) and 16-bit dtypes are left to `F.linear`, which is as fast or faster there.
 """
 
 from __future__ import annotations

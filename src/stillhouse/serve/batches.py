@@ -3,9 +3,10 @@
 `_SlotBatch` (full-attention models): one cache row ("slot") per request from its prefill to its
 end, written in place, so requests join and leave without copying the batch's cache.
 `_CohortBatch` (sliding-window or recurrent cache layers): transformers' own cache, new requests
-admitted only between cohorts. Both offer `prefill(seqs)`, `step(context)` and `remove(dead)`,
-which is all `Engine` asks of a batch (`prefill(seqs, prefix)` for the prefix cache). `_Prefixes` keeps the keys and values of prompt beginnings
-that requests share (a chat template's system prompt), which `_SlotBatch` prefills only once.
+admitted only between cohorts. Both offer `prefill(seqs, prefix)`, `step(context)` and
+`remove(dead)`, which is all `Engine` asks of a batch. `_Prefixes` keeps the keys and values of
+prompt beginnings that requests share (a chat template's system prompt), which `_SlotBatch`
+prefills only once.
 """
 
 from __future__ import annotations
