@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import collections
 import inspect
+import threading
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 if TYPE_CHECKING:
     from stillhouse.serve.engine import _Seq
@@ -99,6 +102,19 @@ def _common(a: tuple, b: tuple, lo: int, hi: int) -> int:
     return lo
 
 
+# The attention implementation a packed step runs under (`_SlotBatch.step` with joining prompts): transformers looks up
+# its attention function by the config's name for it, and no built-in one attends over our slots.
+PACKED = "stillhouse_packed"
+_packing = threading.local()  # the batch whose packed step is running in this thread
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    return _packing.batch.attend(module, query, scaling, kwargs)
+
+
+AttentionInterface.register(PACKED, _packed_attention)
+
+
 class _SlotLayer(DynamicLayer):
     """One layer of `_SlotBatch`'s cache, as transformers' attention layers see it."""
 
@@ -127,9 +143,17 @@ class _SlotBatch:
     into columns [0, p) of its rows and prefills only the rest, left-padded after it; the row sees
     columns [0, pre) and [start, start + length]. Keys carry their positions (rotary embeddings are
     applied before the cache), so the hole of padding between the two changes nothing.
+
+    With SDPA attention (`packs`), new prompts join in a decoding step instead (`step(context, joining)`): one forward
+    pass over the running rows' tokens and the new prompts' tokens laid end to end, [1, rows + prompt tokens], no
+    padding. The linear layers, most of the work, run once over all of them and read the weights once; attention is
+    computed per part over the slots (`attend`). At 64 clients on SmolLM2 a separate prefill of 8 short prompts cost
+    more than a decoding step of 64 rows, a quarter of the engine's time; packed, the same tokens cost about a sixth
+    less, and prompts can join at every step rather than in groups.
     """
 
     ROWS_STEP = 64  # rows are allocated in steps of this (doubling), up to max_batch
+    PACK = True  # new prompts join within a decoding step where the attention is SDPA (False: a prefill pass apart)
 
     def __init__(self, model, max_rows: int, pad_id: int, prefixes: _Prefixes | None = None):
         from transformers import DynamicCache
@@ -150,6 +174,9 @@ class _SlotBatch:
         # where the forward in progress writes: ("prefill", first row, first column), ("capture", lists) or columns
         self._write: tuple | None = None
         self._neg = torch.finfo(model.dtype).min
+        self.packs = self.PACK and model.config._attn_implementation == "sdpa"
+        self._plan: tuple | None = None  # what `attend` needs of the packed step in progress
+        self._no_mask = torch.zeros(1, 1, 1, 1, device=device)  # 4-D: transformers passes it on without building one
 
     @staticmethod
     def supports(model) -> bool:
@@ -166,6 +193,11 @@ class _SlotBatch:
             self._write[2].append(v)
             return k, v
         self._alloc(i, k, v)
+        if self._write[0] == "packed":  # every token of the packed step at its own row and column
+            rows, cols = self._write[1], self._write[2]
+            self.k[i][rows, :, cols] = k[0].transpose(0, 1)
+            self.v[i][rows, :, cols] = v[0].transpose(0, 1)
+            return k, v
         if self._write[0] == "prefill":
             a, off = self._write[1], self._write[2]
             self.k[i][a:a + k.shape[0], :, off:off + k.shape[2]] = k
@@ -199,6 +231,11 @@ class _SlotBatch:
                     bufs[i] = old.new_zeros(new_rows, old.shape[1], new_cols, old.shape[3])
                     bufs[i][:n, :, :used] = old[:n, :, :used]
         self.cap_rows, self.cap_cols = new_rows, max(new_cols, 1)
+
+    def fresh(self, seq: _Seq) -> int:
+        """The prompt tokens `seq` would prefill after the longest beginning of its prompt kept now."""
+        ids = seq.req.prompt_ids
+        return len(ids) - len(self.prefixes.longest(tuple(ids)) or ()) if self.prefixes else len(ids)
 
     def plan(self, seqs: list[_Seq]) -> list[tuple[int, ...] | None]:
         """Each prompt's kept beginning to prefill it after (None: the whole prompt), computing new ones first."""
@@ -270,8 +307,15 @@ class _SlotBatch:
         return out.logits[:, -1]
 
     @torch.inference_mode()
-    def step(self, context: int) -> torch.Tensor:
-        """One decoding step of every row (feeding each its latest token); returns the next-token logits."""
+    def step(self, context: int, joining: list[tuple[_Seq, tuple[int, ...] | None]] = ()) -> torch.Tensor:
+        """One decoding step of every row (feeding each its latest token); returns the next-token logits.
+
+        `joining` (only where `packs`): new requests, each with the kept beginning of its prompt (`plan`; None: none),
+        prefilled in the same forward pass into new rows after the running ones; their next-token logits follow the
+        running rows'. Nothing of the batch changes if the pass fails.
+        """
+        if joining:
+            return self._packed_step(context, joining)
         n, dev = len(self.seqs), self.start.device
         cols = self.start + self.length
         width = int(cols.max()) + 1
@@ -285,6 +329,87 @@ class _SlotBatch:
                          **{self.ckw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length += 1
         return out.logits[:, -1]
+
+    def _packed_step(self, context: int, joining: list) -> torch.Tensor:
+        n, dev = len(self.seqs), self.start.device
+        by_key: dict = {}  # rows that share a kept beginning next to each other: one copy of it for all of them
+        for s, key in joining:
+            by_key.setdefault(key, []).append(s)
+        new = [s for group in by_key.values() for s in group]
+        pres = [len(key or ()) for key, group in by_key.items() for _ in group]
+        rests = [s.req.prompt_ids[p:] for s, p in zip(new, pres)]
+        g, lens = len(new), [len(r) for r in rests]
+        self._reserve(n + g, max(p + L + s.req.max_tokens for p, L, s in zip(pres, lens, new)))
+        row = n
+        for key, group in by_key.items():
+            if key:
+                keys, values = self.prefixes.use(key)
+                for i, (k, v) in enumerate(zip(keys, values)):
+                    self._alloc(i, k, v)
+                    self.k[i][row:row + len(group), :, :len(key)] = k
+                    self.v[i][row:row + len(group), :, :len(key)] = v
+                self.prefixes.hits += len(group)
+                self.prefixes.tokens_saved += len(key) * len(group)
+            row += len(group)
+        pre_t = torch.tensor(pres, dtype=torch.long, device=dev)
+        len_t = torch.tensor(lens, dtype=torch.long, device=dev)
+        which = torch.repeat_interleave(torch.arange(g, device=dev), len_t)  # each new token's prompt
+        at = torch.arange(len(which), device=dev) - torch.repeat_interleave(len_t.cumsum(0) - len_t, len_t)  # its index
+        cols = self.start + self.length
+        ids = torch.cat([self.last, torch.tensor([t for r in rests for t in r], dtype=torch.long, device=dev)])
+        pos = torch.cat([(self.pre + self.length).clamp(max=context - 1), pre_t[which] + at])
+        dmask = width = None
+        if n:
+            width = int(cols.max()) + 1
+            col = torch.arange(width, device=dev)[None, :]
+            see = (col >= self.start[:, None]) & (col <= cols[:, None]) | (col < self.pre[:, None])
+            dmask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None, None]
+        # each new prompt sees its own columns up to its own position; a padding query (past its prompt's end) sees
+        # what the prompt's last token sees, and is thrown away
+        span, top = max(lens), int((pre_t + len_t).max())
+        t = torch.arange(span, device=dev)
+        last = pre_t[:, None] + torch.minimum(t[None, :], len_t[:, None] - 1)
+        see = torch.arange(top, device=dev)[None, None, :] <= last[:, :, None]
+        pmask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None]
+        keep = torch.cat([torch.arange(n, device=dev), n + len_t.cumsum(0) - 1])
+        self._write = ("packed", torch.cat([torch.arange(n, device=dev), n + which]),
+                       torch.cat([cols, pre_t[which] + at]))
+        self._plan = (n, width, dmask, g, top, pmask, which, at, span)
+        cfg, was = self.model.config, self.model.config._attn_implementation
+        _packing.batch = self
+        cfg._attn_implementation = PACKED
+        try:
+            out = self.model(input_ids=ids[None], attention_mask=self._no_mask, position_ids=pos[None],
+                             **{self.ckw: self.cache}, use_cache=True, logits_to_keep=keep)
+        finally:
+            cfg._attn_implementation = was
+            _packing.batch = self._plan = self._write = None
+        self.length += 1
+        self.seqs += new
+        self.pre = torch.cat([self.pre, pre_t])
+        self.start = torch.cat([self.start, pre_t])
+        self.length = torch.cat([self.length, len_t])
+        return out.logits[0]
+
+    def attend(self, module, query: torch.Tensor, scaling, kwargs) -> torch.Tensor:
+        """Attention of a packed step's queries [1, heads, tokens, head_dim], each over its own row of the slots:
+        the running rows' one token each, then the new prompts, padded to the longest (attention only: the linear
+        layers never see the padding). Returns [1, tokens, heads, head_dim], as transformers' attention does."""
+        i = module.layer_idx
+        n, width, dmask, g, top, pmask, which, at, span = self._plan
+        _, heads, _, dim = query.shape
+        out = query.new_empty(1, query.shape[2], heads, dim)
+        if n:
+            q = query[0, :, :n].transpose(0, 1)[:, :, None].contiguous()
+            o, _ = sdpa_attention_forward(module, q, self.k[i][:n, :, :width], self.v[i][:n, :, :width], dmask,
+                                          scaling=scaling, **kwargs)
+            out[0, :n] = o[:, 0]
+        q = query.new_zeros(g, heads, span, dim)
+        q[which, :, at] = query[0, :, n:].transpose(0, 1)
+        o, _ = sdpa_attention_forward(module, q, self.k[i][n:n + g, :, :top], self.v[i][n:n + g, :, :top], pmask,
+                                      scaling=scaling, **kwargs)
+        out[0, n:] = o[which, at]
+        return out, None
 
     def remove(self, dead: list[int]) -> None:
         """Drop rows `dead` (ascending); the last live rows move into their places."""

@@ -324,31 +324,58 @@ class Engine:
                     self._fail_queued()
                     return
             live = batch.seqs
-            if waiting and (not live or (isinstance(batch, _SlotBatch) and self._admit_now(waiting, len(live)))):
-                new = self._take(waiting, len(live), sum(s.req.size() for s in live))
+            packs = isinstance(batch, _SlotBatch) and batch.packs
+            joining: list = []  # (request, kept beginning) pairs prefilled within this step (`packs` only)
+            if waiting and (not live or (isinstance(batch, _SlotBatch) and self._admit_now(waiting, len(live), packs))):
+                new = self._take(waiting, len(live), sum(s.req.size() for s in live), batch.fresh if packs else None)
                 if new:
                     self._last_admit = self.steps_run
                     self._unwait(len(new))
                     self._admitted.extend([time.monotonic()] * len(new))
                     self.peak_batch_tokens = max(self.peak_batch_tokens, sum(s.req.size() for s in live + new))
-                    for group, prefix in self._prefill_groups(batch, new):
-                        self.batches_run += 1
-                        try:
-                            logits = batch.prefill(group, prefix)
-                        except Exception as e:  # a failed prefill fails its own requests, not the running ones
-                            self._fail(group, e)
-                        else:
-                            batch.last = torch.cat([batch.last, self._sample(group, logits)])
+                    if packs:
+                        joining = list(zip(new, self._plan(batch, new)))
+                    else:
+                        self._prefill(batch, self._prefill_groups(batch, new))
             try:
                 self._settle(batch)
+                if joining:
+                    try:
+                        logits = batch.step(self.context, joining)
+                    except Exception:  # prefilled apart instead, so that a prompt that fails fails only its request
+                        self._prefill(batch, self._groups(joining))
+                        joining = []
+                    else:
+                        self.batches_run += 1
                 if batch.seqs:
                     self.largest_batch = max(self.largest_batch, len(batch.seqs))
                     self.steps_run += 1
-                    batch.last = self._sample(batch.seqs, batch.step(self.context))
+                    if not joining:
+                        logits = batch.step(self.context)
+                    batch.last = self._sample(batch.seqs, logits)
                     self._settle(batch)
             except Exception as e:  # a failed step fails its requests, never the engine
                 self._fail(batch.seqs, e)
                 batch = self._batch = self._new_batch()
+
+    def _prefill(self, batch, groups: list[tuple[list[_Seq], tuple[int, ...] | None]]) -> None:
+        """Prefill each group of new requests in a forward pass of its own; a group that fails fails alone."""
+        for group, prefix in groups:
+            self.batches_run += 1
+            try:
+                logits = batch.prefill(group, prefix)
+            except Exception as e:  # a failed prefill fails its own requests, not the running ones
+                self._fail(group, e)
+            else:
+                batch.last = torch.cat([batch.last, self._sample(group, logits)])
+
+    @staticmethod
+    def _plan(batch, new: list[_Seq]) -> list[tuple[int, ...] | None]:
+        """Each new prompt's kept beginning (None: none); see `_SlotBatch.plan`."""
+        try:
+            return batch.plan(new)  # may run a forward pass for a newly shared beginning
+        except Exception:  # not worth failing requests over: they are prefilled whole (and fail there if it is real)
+            return [None] * len(new)
 
     def _prefill_groups(self, batch, new: list[_Seq]) -> list[tuple[list[_Seq], tuple[int, ...] | None]]:
         """Prompts to prefill together, each group with the kept beginning its prompts share (None: none): by that
@@ -359,12 +386,11 @@ class Engine:
         """
         if not isinstance(batch, _SlotBatch):
             return [(new, None)]
-        try:
-            keys = batch.plan(new)  # may run a forward pass for a newly shared beginning
-        except Exception:  # not worth failing requests over: they are prefilled whole (and fail there if it is real)
-            keys = [None] * len(new)
+        return self._groups(list(zip(new, self._plan(batch, new))))
+
+    def _groups(self, planned: list[tuple[_Seq, tuple[int, ...] | None]]) -> list:
         by_key: dict = {}
-        for s, key in zip(new, keys):
+        for s, key in planned:
             by_key.setdefault(key, []).append(s)
         groups: list[tuple[list[_Seq], tuple[int, ...] | None]] = []
         for key, seqs in by_key.items():
@@ -388,17 +414,23 @@ class Engine:
         if dead:
             batch.remove(dead)
 
-    def _take(self, waiting: list[_Seq], rows: int, tokens: int) -> list[_Seq]:
+    def _take(self, waiting: list[_Seq], rows: int, tokens: int,
+              fresh: Callable[[_Seq], int] | None = None) -> list[_Seq]:
         """Remove and return the longest head of `waiting` that fits beside `rows` rows holding `tokens` tokens.
 
         First come, first served: a large request at the head is not overtaken by smaller ones behind it, so it
-        cannot starve. An empty batch always takes the head (the budget is never below one context).
+        cannot starve. An empty batch always takes the head (the budget is never below one context). `fresh`: the
+        prompt tokens a request would prefill, of which one step takes about `PREFILL_TOKENS` (at least one request).
         """
-        n = 0
+        n = prefill = 0
         while n < len(waiting) and rows + n < self.max_batch:
             size = waiting[n].req.size()
             if (rows or n) and tokens + size > self.max_batch_tokens:
                 break
+            if fresh is not None:
+                prefill += fresh(waiting[n])
+                if n and prefill > self.PREFILL_TOKENS:
+                    break
             tokens += size
             n += 1
         new = waiting[:n]
@@ -417,16 +449,17 @@ class Engine:
         per_token = 2 * layers * kv_heads * head_dim * self.model.dtype.itemsize
         return self.KV_CACHE_BYTES // per_token
 
-    def _admit_now(self, waiting: list[_Seq], running: int) -> bool:
+    def _admit_now(self, waiting: list[_Seq], running: int, packs: bool = False) -> bool:
         """Whether to prefill waiting requests into the running batch before the next step.
 
-        Each admission costs a forward pass, so while the batch is busy requests are let in in
-        groups: once an eighth of the batch can be filled, or `ADMIT_AFTER_STEPS` steps after the
-        last admission (so a lone request never waits long). A nearly idle batch admits at once.
+        A batch that `packs` prefills them within the step: at every step there is room. Otherwise each admission
+        costs a forward pass, so while the batch is busy requests are let in in groups: once an eighth of the batch
+        can be filled, or `ADMIT_AFTER_STEPS` steps after the last admission (so a lone request never waits long).
+        A nearly idle batch admits at once.
         """
         room = self.max_batch - running
-        if room <= 0:
-            return False
+        if room <= 0 or packs:
+            return room > 0
         group = max(1, self.max_batch // 8)
         return (min(room, len(waiting)) >= group or running < group
                 or self.steps_run - max(waiting[0].arrived, self._last_admit) >= self.ADMIT_AFTER_STEPS)
