@@ -382,6 +382,38 @@ def test_a_logit_bias_outside_the_vocabulary_fails_only_its_request(engine):
     assert good.result(timeout=60).token_ids
 
 
+def test_a_packed_step_that_fails_prefills_apart_and_the_running_rows_go_on(tiny_models, monkeypatch):
+    """A failure inside the packed forward (after some layers wrote the cache): the joining prompts are prefilled
+    in passes of their own, the running rows decode on, and every answer still equals `generate` alone; an empty
+    prompt fails only its own request."""
+    from stillhouse.serve import batches
+
+    e = Engine(str(tiny_models["teacher"]), max_batch=8, window_ms=5, dtype="float32")
+    try:
+        prompts = [_ids(e, p) for p in PROMPTS[:4]]
+        first = e.submit(GenRequest(prompts[0], 24, temperature=0.0))
+        _wait_steps(e, 3)
+        real, calls = batches._SlotBatch.attend, []
+
+        def attend(self, module, *a):
+            calls.append(module.layer_idx)
+            if module.layer_idx == 1:
+                raise RuntimeError("a kernel failed")
+            return real(self, module, *a)
+
+        monkeypatch.setattr(batches._SlotBatch, "attend", attend)
+        before = e.batches_run
+        later = [e.submit(GenRequest(p, 10, temperature=0.0)) for p in prompts[1:]]
+        empty = e.submit(GenRequest([], 5, temperature=0.0))
+        got = [f.result(timeout=60).token_ids for f in [first] + later]
+        assert got == [_alone(e, p, n) for p, n in zip(prompts, (24, 10, 10, 10))]
+        assert calls[:2] == [0, 1] and e.batches_run > before  # it failed in layer 1, then prefilled apart
+        with pytest.raises(ValueError, match="no tokens"):
+            empty.result(timeout=60)
+    finally:
+        e.close()
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_rows_moved_and_prefilled_in_groups_still_match_generate_alone(tiny_models, monkeypatch, pack):
     """Short and long requests, prefilled in several length groups (or, packed, within several decoding steps):

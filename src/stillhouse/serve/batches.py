@@ -348,8 +348,6 @@ class _SlotBatch:
                     self._alloc(i, k, v)
                     self.k[i][row:row + len(group), :, :len(key)] = k
                     self.v[i][row:row + len(group), :, :len(key)] = v
-                self.prefixes.hits += len(group)
-                self.prefixes.tokens_saved += len(key) * len(group)
             row += len(group)
         pre_t = torch.tensor(pres, dtype=torch.long, device=dev)
         len_t = torch.tensor(lens, dtype=torch.long, device=dev)
@@ -386,6 +384,9 @@ class _SlotBatch:
             _packing.batch = self._plan = self._write = None
         self.length += 1
         self.seqs += new
+        if self.prefixes is not None:
+            self.prefixes.hits += sum(map(bool, pres))
+            self.prefixes.tokens_saved += sum(pres)
         self.pre = torch.cat([self.pre, pre_t])
         self.start = torch.cat([self.start, pre_t])
         self.length = torch.cat([self.length, len_t])

@@ -1,8 +1,9 @@
 """The generation engine behind `stillhouse serve`: one local HF model, continuous batching.
 
-Requests join the running batch between decoding steps and leave it at the step they finish
-(end of sequence, their own `max_tokens`, or one of their `stop` strings), so a short answer
-never waits for a long one and a freed slot is refilled at once. Each request keeps its own
+Requests join the running batch at any decoding step (their prompts prefilled in that step's
+forward pass, or in one of their own where the attention is not SDPA) and leave it at the step
+they finish (end of sequence, their own `max_tokens`, or one of their `stop` strings), so a short
+answer never waits for a long one and a freed slot is refilled at once. Each request keeps its own
 sampling settings (temperature, top_p, seed; applied in `sampling.py`) and can stream its text
 as it is sampled.
 
@@ -92,6 +93,8 @@ class _Seq:
     """One request in the running batch."""
 
     def __init__(self, req: GenRequest, device: str, vocab: int | None = None):
+        if not req.prompt_ids:
+            raise ValueError("the prompt has no tokens")
         bad = [t for t in req.logit_bias or {} if vocab is not None and not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} is not in the model's vocabulary (ids 0 to {vocab - 1})")
