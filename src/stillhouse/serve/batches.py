@@ -147,9 +147,10 @@ class _SlotBatch:
     With SDPA attention (`packs`), new prompts join in a decoding step instead (`step(context, joining)`): one forward
     pass over the running rows' tokens and the new prompts' tokens laid end to end, [1, rows + prompt tokens], no
     padding. The linear layers, most of the work, run once over all of them and read the weights once; attention is
-    computed per part over the slots (`attend`). At 64 clients on SmolLM2 a separate prefill of 8 short prompts cost
-    more than a decoding step of 64 rows, a quarter of the engine's time; packed, the same tokens cost about a sixth
-    less, and prompts can join at every step rather than in groups.
+    computed per part over the slots (`attend`). On SmolLM2 in fp32 a separate prefill of 8 short prompts (211 ms)
+    cost more than a decoding step of 64 rows (156 ms), and prefill was a fifth to a quarter of the engine's time at
+    64 clients; packed into a step of 46 rows, the same tokens cost 13-15% less than the two passes, and prompts join
+    at every step rather than in groups: 1.10x the generated tokens/s at 64 clients (BENCHMARKS.md `engine_real`).
     """
 
     ROWS_STEP = 64  # rows are allocated in steps of this (doubling), up to max_batch
@@ -171,7 +172,8 @@ class _SlotBatch:
         self.start = torch.zeros(0, dtype=torch.long, device=device)  # each row's first column after the padding
         self.length = torch.zeros(0, dtype=torch.long, device=device)  # tokens each row holds from `start` on
         self.last = torch.zeros(0, dtype=torch.long, device=device)  # each row's latest token, not yet cached
-        # where the forward in progress writes: ("prefill", first row, first column), ("capture", lists) or columns
+        # where the forward in progress writes: ("prefill", first row, first column), ("capture", lists),
+        # ("packed", rows, columns) or, decoding, (rows, columns, width)
         self._write: tuple | None = None
         self._neg = torch.finfo(model.dtype).min
         self.packs = self.PACK and model.config._attn_implementation == "sdpa"
