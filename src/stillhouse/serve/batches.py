@@ -321,10 +321,7 @@ class _SlotBatch:
             return self._packed_step(context, joining)
         n, dev = len(self.seqs), self.start.device
         cols = self.start + self.length
-        width = int(cols.max()) + 1
-        col = torch.arange(width, device=dev)[None, :]
-        see = (col >= self.start[:, None]) & (col <= cols[:, None]) | (col < self.pre[:, None])
-        mask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None, None]
+        width, mask = self._decode_mask(cols)
         # clamped: a row is never asked for a position past the model's context
         pos = (self.pre + self.length).clamp(max=context - 1)[:, None]
         self._write = ("decode", torch.arange(n, device=dev), cols, width)
@@ -332,6 +329,15 @@ class _SlotBatch:
                          **{self.ckw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length += 1
         return out.logits[:, -1]
+
+    def _decode_mask(self, cols: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The columns a decoding step reads and its additive mask [rows, 1, 1, width]: each row sees its shared
+        beginning and its own columns up to `cols`, where its new token is written."""
+        width = int(cols.max()) + 1
+        col = torch.arange(width, device=cols.device)[None, :]
+        see = (col >= self.start[:, None]) & (col <= cols[:, None]) | (col < self.pre[:, None])
+        return width, torch.zeros(see.shape, dtype=self.model.dtype, device=cols.device).masked_fill_(~see, self._neg)[
+            :, None, None]
 
     def _packed_step(self, context: int, joining: list) -> torch.Tensor:
         n, dev = len(self.seqs), self.start.device
@@ -359,12 +365,7 @@ class _SlotBatch:
         cols = self.start + self.length
         ids = torch.cat([self.last, torch.tensor([t for r in rests for t in r], dtype=torch.long, device=dev)])
         pos = torch.cat([(self.pre + self.length).clamp(max=context - 1), pre_t[which] + at])
-        dmask = width = None
-        if n:
-            width = int(cols.max()) + 1
-            col = torch.arange(width, device=dev)[None, :]
-            see = (col >= self.start[:, None]) & (col <= cols[:, None]) | (col < self.pre[:, None])
-            dmask = torch.zeros(see.shape, dtype=self.model.dtype, device=dev).masked_fill_(~see, self._neg)[:, None, None]
+        width, dmask = self._decode_mask(cols) if n else (None, None)
         # each new prompt sees its own columns up to its own position; a padding query (past its prompt's end) sees
         # what the prompt's last token sees, and is thrown away
         span, top = max(lens), int((pre_t + len_t).max())
