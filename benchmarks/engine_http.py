@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct in float32, `max_batch` 64, the 64-client level of `engine
 its last is answered:
 
 - in-process: client threads call `Engine.submit(...).result()` on an engine in this process;
-- over HTTP: `stillhouse serve` in its own process, with `engine_real.py`'s httpx client (plain responses).
+- over HTTP: `stillhouse serve` in its own process, with `engine_real.py`'s client over httpx (plain responses).
 
 Turns alternate (in-process, HTTP, HTTP, in-process, ...), fresh engine and server each turn. Measured: generated
 tokens/s (the engine's token count in-process; over HTTP the answer re-tokenized plus one where it stopped, as
@@ -72,7 +72,7 @@ def over_http(prompts: list[str], clients: int, max_tokens: int, tok) -> dict:
                   "smollm2", "--max-batch", "64", "--dtype", "float32"], server_env(), url, timeout=900)
     try:
         asyncio.run(load(url, "smollm2", prompts[:2], 2, 8, False))  # warm-up, untimed
-        r = asyncio.run(load(url, "smollm2", prompts, clients, max_tokens, False))
+        r = asyncio.run(load(url, "smollm2", prompts, clients, max_tokens, False, "httpx"))  # as its section was run
     finally:
         stop(proc)
     if r["errors"]:
