@@ -474,16 +474,35 @@ def _real_shaped_llama(root, vocab=49152):
     return root
 
 
-def test_a_49k_vocabulary_with_grouped_heads_and_tied_embeddings_matches_generate(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
+def test_a_49k_vocabulary_with_grouped_heads_and_tied_embeddings_matches_generate(tmp_path, monkeypatch, packed):
     """Greedy fp32 answers equal `generate` alone, one at a time and in a batch that requests join mid-decode and
-    leave at different steps (rows moved into finished rows' places), prompts of 3 to 150 tokens."""
+    leave at different steps (rows moved into finished rows' places), prompts of 3 to 150 tokens; with the linear
+    layers as loaded and packed for oneDNN (as a large model's are), `generate` running the model as loaded."""
+    from stillhouse.models import packed as packing
+
+    if packed and not packing._ops_available(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN linear operators")
+    monkeypatch.setattr(packing, "MIN_PARAMS", 0 if packed else 10**12)
     e = Engine(str(_real_shaped_llama(tmp_path / "m")), max_batch=16, window_ms=5, dtype="float32")
+    ref = e
+    if packed:
+        import types
+
+        from stillhouse.models import load_local_lm
+
+        assert e.packed == 2 * 7 + 1 and isinstance(e.model.lm_head, packing.PackedLinear)  # 7 a layer, the output
+        ref = types.SimpleNamespace(tokenizer=e.tokenizer,
+                                    model=load_local_lm(str(tmp_path / "m"), "cpu", "float32", log=lambda m: None)[1])
+        assert type(ref.model.lm_head) is torch.nn.Linear
+    else:
+        assert e.packed == 0
     try:
         g = torch.Generator().manual_seed(1)
         lengths = [3, 150, 17, 64, 5, 33, 90, 8, 41, 120, 12, 27]
         prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
         budgets = [20, 6, 31, 12, 25, 3, 18, 28, 9, 15, 22, 11]
-        want = [_alone(e, p, n) for p, n in zip(prompts, budgets)]
+        want = [_alone(ref, p, n) for p, n in zip(prompts, budgets)]
         assert len({w[0] for w in want}) > 6  # answers that differ: the argmax runs over the whole vocabulary
         alone = [e.submit(GenRequest(p, n, temperature=0.0)).result(timeout=60).token_ids
                  for p, n in zip(prompts[:3], budgets[:3])]

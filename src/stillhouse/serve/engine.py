@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from stillhouse.models.output import speed_up_output
+from stillhouse.models.packed import pack_linears
 from stillhouse.serve.batches import _CohortBatch, _Prefixes, _SlotBatch
 from stillhouse.serve.detok import IncrementalText
 from stillhouse.serve.sampling import choose, penalize
@@ -195,7 +196,11 @@ class Engine:
         from stillhouse.models import load_local_lm
 
         self.tokenizer, self.model, self.fingerprint = load_local_lm(model_dir, self.device, dtype, quantize=quantize)
-        speed_up_output(self.model)  # float32 on CPU: a faster output layer for a batch of rows (same function)
+        # a large model on CPU: weights laid out once for oneDNN (float32 / bfloat16); else, float32 on CPU, a
+        # faster output layer for a batch of rows (the same function either way)
+        self.packed = pack_linears(self.model)
+        if not self.packed:
+            speed_up_output(self.model)
         eos = self.model.generation_config.eos_token_id
         self.eos = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
