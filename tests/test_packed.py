@@ -92,3 +92,4 @@ def test_bfloat16_layers_are_packed_where_onednn_has_bfloat16():
     with torch.inference_mode():
         got, want = net(ids).float(), ref(ids).float()
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+

@@ -3,20 +3,25 @@
 `F.linear` on CPU hands MKL (float32) or oneDNN (bfloat16) the weight as it is stored, [out, in] row-major, and the
 library re-blocks it for its micro-kernel on every call. A served model's weights do not fit any cache (SmolLM2-135M:
 540 MB in float32), so every decoding step streams all of them from memory in that unhelpful order: on a 2-core CPU
-SmolLM2's float32 linear layers ran at 70-125 GFLOP/s with 48 rows (the same machine's square matmuls: ~195), and
+SmolLM2's float32 linear layers ran at 78-104 GFLOP/s with 48 rows (the same machine's square matmuls: ~195), and
 they were ~80% of a decoding step. oneDNN can lay the weight out in its own blocked format once
-(`mkldnn._reorder_linear_weight`) and multiply against that layout (`mkldnn._linear_pointwise`); with weights coming
-cold from memory, float32, that was 2.0-2.4x faster for one to eight rows, 1.2-2.4x at 48-64, 1.1-1.4x at 256-600,
-and the 49,152-row output layer 2.5x at 48 rows; bfloat16 1.2-2x (BENCHMARKS.md `engine_real`).
+(`mkldnn._reorder_linear_weight`) and multiply against that layout (`mkldnn._linear_pointwise`): with weights coming
+cold from memory, 1.2-3.3x a layer but the smallest (the 49,152-row output layer 1.8-3.3x) for 1 to 64 rows, and
+SmolLM2's decoding steps 1.36-1.75x faster in float32, 1.20-1.36x in bfloat16, choosing the same tokens
+(BENCHMARKS.md `engine_packed`).
 
-These are PyTorch's own operators (the ones its compiler, inductor, uses for the same purpose when it freezes a model
-for CPU inference); no maintained library exposes them as a layer, hence this module. Only models whose linear
-weights are too large to stay in cache are packed (`MIN_PARAMS`): for small ones (the demo world's Atlas, 4.8M
-parameters) oneDNN's fixed cost per call (~15 us) made one-row layers 1.1-3x slower than `F.linear`. The sums are
-float32's (or bfloat16's, accumulated in float32) either way, in another order: results agree to rounding.
+These are PyTorch's own operators, the ones its compiler (inductor) puts in when it freezes a model for CPU inference
+in bfloat16, or in float32 with a batch size that varies; no maintained library exposes them as a layer for an eager
+model, hence this module. Only models whose linear weights are too large to stay in cache are packed (`MIN_PARAMS`):
+for small ones (the demo world's Atlas, 4.8M parameters) oneDNN's fixed cost per call (~10 us) made its 256 x 256
+layers 1.0-2.4x slower than `F.linear`. The sums are float32's (or bfloat16's, accumulated in float32) either way, in
+another order: results agree to rounding.
 """
 
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +89,21 @@ def pack_linears(model: torch.nn.Module, min_params: int | None = None) -> int:
             return 0
     except RuntimeError:  # a build whose oneDNN refuses the layout: keep F.linear
         return 0
+    count = len(linears)
     for name, m in linears:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, PackedLinear(m))
-    return len(linears)
+    del linears, first, m, w
+    _give_back_freed_memory()
+    return count
+
+
+def _give_back_freed_memory() -> None:
+    """Return the released dense weights' memory to the system. glibc keeps freed heap memory for later allocations,
+    so without this the process stayed as large as dense and packed weights together (SmolLM2 in float32: 1.6 GB
+    resident against 1.1 GB unpacked; after it, 0.1 GB above, the tied output layer's copy)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to ask
+            pass
