@@ -6,8 +6,8 @@ library re-blocks it for its micro-kernel on every call. A served model's weight
 SmolLM2's float32 linear layers ran at 78-104 GFLOP/s with 48 rows (the same machine's square matmuls: ~195), and
 they were ~80% of a decoding step. oneDNN can lay the weight out in its own blocked format once
 (`mkldnn._reorder_linear_weight`) and multiply against that layout (`mkldnn._linear_pointwise`): with weights coming
-cold from memory, 1.2-3.3x a layer but the smallest (the 49,152-row output layer 1.8-3.3x) for 1 to 64 rows, and
-SmolLM2's decoding steps 1.36-1.75x faster in float32, 1.20-1.36x in bfloat16, choosing the same tokens
+cold from memory, 1.1-3.3x a layer but the smallest (the 49,152-row output layer 1.8-3.3x) for 1 to 64 rows, and
+SmolLM2's decoding steps 1.25-1.75x faster in float32, 1.10-1.36x in bfloat16, choosing the same tokens
 (BENCHMARKS.md `engine_packed`).
 
 These are PyTorch's own operators, the ones its compiler (inductor) puts in when it freezes a model for CPU inference
@@ -100,8 +100,8 @@ def pack_linears(model: torch.nn.Module, min_params: int | None = None) -> int:
 
 def _give_back_freed_memory() -> None:
     """Return the released dense weights' memory to the system. glibc keeps freed heap memory for later allocations,
-    so without this the process stayed as large as dense and packed weights together (SmolLM2 in float32: 1.6 GB
-    resident against 1.1 GB unpacked; after it, 0.1 GB above, the tied output layer's copy)."""
+    so without this the process stayed as large as dense and packed weights together (SmolLM2 in float32: 1,430 MB
+    resident against 923 as loaded; with it 1,024, the tied output layer's copy above; `engine_packed`)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
