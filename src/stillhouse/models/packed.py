@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-MIN_PARAMS = 32_000_000  # linear weights in all (128 MB in float32), past any CPU's last-level cache
+MIN_PARAMS = 32_000_000  # linear weights in all (128 MB in float32), past most CPUs' last-level cache
 
 
 def _ops_available(dtype: torch.dtype) -> bool:
@@ -56,7 +56,8 @@ class PackedLinear(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight, rebuilt (a copy) for code that reads it."""
+        """The dense weight, rebuilt (a copy of the whole weight on every read) for code that reads it; the engine
+        never does (it reads `out_features`)."""
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +90,17 @@ def pack_linears(model: torch.nn.Module, min_params: int | None = None) -> int:
             return 0
     except RuntimeError:  # a build whose oneDNN refuses the layout: keep F.linear
         return 0
-    count = len(linears)
-    for name, m in linears:
+    names = [name for name, _ in linears]
+    del linears, first, w  # one dense weight alive at a time below, not all of them beside their packed copies
+    count = 0
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, PackedLinear(m))
-    del linears, first, m, w
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            setattr(parent, attr, PackedLinear(getattr(parent, attr)))
+        except RuntimeError:  # out of memory midway: the layers packed so far stay packed, the rest as they were
+            break
+        count += 1
     _give_back_freed_memory()
     return count
 
